@@ -174,19 +174,28 @@ def _written(ctx: StepContext, state: states.DeploymentState, said: str = "") ->
 def switched(fresh: states.DeploymentState, version: str, target: Slot, *,
              health_status: str = "unknown", run_id: str | None = None, image: str = "",
              commit: Callable[[states.Deployment | None], str] | None = None,
-             previous_image: str | None = None) -> states.DeploymentState | None:
+             previous_image: str | None = None,
+             intent: intents.Intent | None = None) -> states.DeploymentState | None:
     """What a switch to `version` on `target` writes over `fresh`, or None when `fresh` says it
     already. Pure: the plan shows it, the recorder writes it. `commit` names a new record's
-    commit from its known record (the recorder asks the app; a plan shows no commit)."""
+    commit from its known record (the recorder asks the app; a plan shows no commit). The
+    current one users are moved off gains the schema it served on (the record's
+    `from_schema`) when its record names none, only when it is the one the plan saw serve
+    (`from_id`): the file's current may be another since."""
     if fresh.current is not None and fresh.current.version == version \
             and fresh.current.active_slot == target:
         return None
+    served_id = intent.record.get("from_id") if intent is not None else None
+    served_on = (_count(intent.record.get("from_schema")) if intent is not None
+                 and fresh.current is not None and served_id
+                 and str(served_id) == fresh.current.id else None)
     # a rollback needs a deployment to roll back from: with `current_deployment: null` (a
     # valid file) the switch is recorded as a deploy of that version, from its known record
     if fresh.current is not None and fresh.previous is not None \
             and fresh.previous.version == version:
         return states.after_rollback(fresh, slot=target, health_status=health_status,
-                                     run_id=run_id, image=previous_image)
+                                     run_id=run_id, image=previous_image,
+                                     served_schema=served_on)
     if fresh.current is not None and fresh.current.version == version:
         return fresh.with_(current=fresh.current.with_(active_slot=target))
     known = fresh.find_version(version)
@@ -197,7 +206,8 @@ def switched(fresh: states.DeploymentState, version: str, target: Slot, *,
     dep = states.make_deployment(version, named, target, image=image, status="active",
                                  deployment_id=run_id,
                                  migration_version=known.migration_version if known else None)
-    return states.after_deploy(fresh, dep.with_(health_status=health_status))
+    return states.after_deploy(fresh, dep.with_(health_status=health_status),
+                               served_schema=served_on)
 
 
 @_exclusive
@@ -219,12 +229,13 @@ def switch(env: Environment, intent: intents.Intent, observed: slots.Observed, r
     new = switched(fresh, version, target, health_status=health_status, run_id=intent.run_id,
                    image=intent.to_image or "", commit=commit,
                    previous_image=(_runs_instead(env, fresh.previous, intent)
-                                   if fresh.previous is not None else None))
+                                   if fresh.previous is not None else None), intent=intent)
     if new is None:
         _written(ctx, fresh, " (already recorded)")
         return
     states.write_state(env.state_file, new)
     _written(ctx, new)
+    ctx.note(**schema_line(fresh, new, intent))
 
 
 def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
@@ -263,9 +274,10 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
 
 def schema_line(fresh: states.DeploymentState, new: states.DeploymentState | None,
                 intent: intents.Intent) -> dict[str, str]:
-    """The state step's line for the schema `rolled_back` or `deployed` records for the
-    deployment users were moved off (`from_schema`), shown alike by the plan and the journal:
-    read from what `new` holds, so it is said only where it is written; empty when none is."""
+    """The state step's line for the schema `rolled_back`, `deployed` or `switched` records
+    for the deployment users were moved off (`from_schema`), shown alike by the plan and the
+    journal: read from what `new` holds, so it is said only where it is written; empty when
+    none is."""
     served_id = intent.record.get("from_id")
     served = fresh.find_id(str(served_id)) if served_id else None
     schema = _count(intent.record.get("from_schema"))
@@ -274,8 +286,9 @@ def schema_line(fresh: states.DeploymentState, new: states.DeploymentState | Non
             or written is None or written.migration_version != schema \
             or intent.deployment_id == served.id:
         return {}
-    how = ("this run's schema guard read it" if intent.action == "rollback"
-           else "this deploy read it before its migrations")
+    how = {"rollback": "this run's schema guard read it",
+           "deploy": "this deploy read it before its migrations"}.get(
+        intent.action, f"this {intent.action} read it before it started anything")
     return {"previous schema": f"{schema}, recorded for {served.version}: the database schema "
                                f"it served on, as {how}"}
 
@@ -341,7 +354,8 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
             schema = schema_line(fresh, new, intent)
         else:
             new = switched(fresh, intent.to_version, intent.target, run_id=intent.run_id,
-                           health_status=observed.health_status or "unknown")
+                           health_status=observed.health_status or "unknown", intent=intent)
+            schema = schema_line(fresh, new, intent)
     lines = state_lines(new or fresh)
     if new is None:
         lines["current"] += " (already recorded: left as it is)"

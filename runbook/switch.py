@@ -151,12 +151,18 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                          claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
     version = info.tag
+    served = _served_unrecorded(env, state, now.slot, target, version, schema,
+                                found is not None or repairing is not None)
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
                             from_slot=str(live), to_slot=str(target),
                             from_version=state.current.version if state.current else None,
                             # what the run creates or starts (a dead container is recreated
                             # from compose's image: its old name is not what will run)
                             to_version=version, to_image=prep.image,
+                            # the schema the deployment users are moved off served on, read
+                            # above before anything changed: recorded for it (recording.py)
+                            record=({"from_id": served[0].id, "from_schema": served[1]}
+                                    if served is not None else {}),
                             **intents.recorded(state))
     # the same switch rerun supersedes its dead run's record, never puts it back
     keeps = in_line and in_line_beside
@@ -176,7 +182,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         recording.switch(env, intent, observed, run_id, ctx)
         slots.keep_for_switch_back(env, target.other, run_id, ctx)
 
-    recorded = _recorded(env, state, version, target, run_id)
+    recorded = _recorded(env, state, version, target, run_id, intent)
 
     planned = caddy.plan_switch(env, target, slots.reach(env))
     # Caddy validates what the switch will load before anything changes, as rollback and
@@ -224,6 +230,28 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 replaces=repairing.intent if repairing is not None else old_record,
                 replaces_moved=repairing.moved if repairing is not None else False,
                 accepted_doubt=accepted)
+
+
+def _served_unrecorded(env: Environment, state: states.DeploymentState, serving: Slot | None,
+                       target: Slot, version: str,
+                       schema: database.SchemaVersion | RunbookError,
+                       after_another: bool) -> tuple[states.Deployment, int] | None:
+    """The current deployment users are moved off and the schema it served on, when its
+    record names none (the Go CLI and the deploy script record none: a rollback back to it
+    went unchecked, "restore the snapshot", throwing writes away; found by review): the
+    plan's read of a clean schema, before anything changed, while its version ran in the
+    slot Caddy serves (Docker's tag), as deploy judges it. None after an interrupted run's
+    record (`after_another`: it may have changed the database), or when nothing tells."""
+    current = state.current
+    if current is None or current.migration_version is not None or serving is None \
+            or serving == target or current.version == version or after_another \
+            or isinstance(schema, RunbookError) or schema.dirty:
+        return None
+    try:
+        info = docker.inspect(env.slot(serving).container)
+    except RunbookError:
+        return None
+    return (current, schema.version) if info.running and info.tag == current.version else None
 
 
 def _schema_dirty(env: Environment, schema: database.SchemaVersion | RunbookError,
@@ -282,12 +310,14 @@ def _schema_behind(env: Environment, state: states.DeploymentState, version: str
 
 
 def _recorded(env: Environment, state: states.DeploymentState, version: str, target: Slot,
-              run_id: str) -> dict[str, str]:
+              run_id: str, intent: intents.Intent | None = None) -> dict[str, str]:
     """The state step's plan: what the recorder writes (its own preview), and when that is a
     rollback, which changes what a plain `runbook rollback` does next (found by review: a
     switch back to the previous version was recorded as a rollback, unannounced)."""
-    after = recording.switched(state, version, target, run_id=run_id)
+    after = recording.switched(state, version, target, run_id=run_id, intent=intent)
     lines = recording.state_lines(after or state)
+    if intent is not None:  # a record-only switch moves nobody: none recorded
+        lines.update(recording.schema_line(state, after, intent))
     if after is None:
         lines["current"] += " (already recorded: left as it is)"
     elif state.current is not None and after.previous is not None \

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from runbook import deploy, docker, faults, files, rollback
+from runbook import deploy, docker, faults, files, rollback, switch
 from runbook import environment as envmod
 from runbook import intent as intents
 from runbook import state as states
@@ -459,3 +459,38 @@ def test_a_deploy_finished_by_a_rerun_records_the_schema_its_interrupted_run_rea
     assert doc["current_deployment"]["id"] == record.record["deployment_id"]
     v1 = doc["previous_deployment"]
     assert (v1["version"], v1["migration_version"]) == (V1.tag, served_on), v1
+
+
+def test_a_switch_records_the_schema_the_deployment_it_moves_users_off_served_on(
+        stack: DrillStack) -> None:
+    """As a deploy: on a host whose tools record no migration_version, `runbook switch` back
+    to v2 (recorded as a rollback) left v3 "schema not recorded", and `rollback --dry-run
+    --to v3` said "schema guard NOT checked" and told on-call to restore a snapshot. The
+    switch records on v3's record the schema its plan read while v3 served, before anything
+    changed; v2's, never read for it, is not guessed. Oracle: Postgres's schema_migrations,
+    the file, the dry run's words."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)  # v3 serves from blue, v2 running on green
+    env = stack.env
+    unrecorded_schemas(env)
+    served_on = schema_now(stack)
+    assert served_on == V3.schema
+    said = (f"{served_on}, recorded for {V3.tag}: the database schema it served on, as this "
+            "switch read it")
+    dry = switch.switch(env, switch.Options(slot=envmod.Slot.GREEN), dry_run=True)
+    [planned] = [step for step in dry.plan.steps if step.name == "state"]
+    assert planned.details["previous schema"].startswith(said), planned.details
+    done = switch.switch(env, switch.Options(slot=envmod.Slot.GREEN))
+    assert through_proxy(env) == ("green", V2.tag)
+    assert state_detail(done.record_file)["previous schema"].startswith(said)
+    doc = json.loads(env.state_file.read_text())
+    v3 = doc["previous_deployment"]
+    assert (v3["version"], v3["status"]) == (V3.tag, "rolled_back"), v3
+    assert v3["migration_version"] == served_on, v3
+    assert "migration_version" not in doc["current_deployment"], doc["current_deployment"]
+    before = snapshot(env)
+    again = runbook_cli(env, "rollback", "--to", V3.tag, "--dry-run")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "NOT checked" not in said and "--restore-snapshot" not in said, said
+    assert "compatible" in said and f"{served_on} (from the state file)" in said, said
+    assert snapshot(env) == before
