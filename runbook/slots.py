@@ -103,6 +103,29 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     return None
 
 
+def h2c_left_on_a_dead_slot(env: Environment, slot: Slot, info: ContainerInfo) -> str | None:
+    """What users on cleartext HTTP/2 meet after a switch away from a slot that was already
+    down (crashed, or stopped by a restore's maintenance stop), or None where Caddy takes no
+    h2c (or cannot be read: nothing is claimed). Caddy's previous config keeps every h2c
+    connection it holds and goes on dialing the old slot: their requests get 502 until the
+    clients reconnect, though the run switched and the new slot serves (found by review:
+    93 s of 502 on a held connection after "Done", unsaid). Said; Caddy is not restarted
+    for them: a restart cuts every open connection, the healthy ones too."""
+    try:
+        found = traffic.from_config(env, traffic.loaded_config(env))
+    except RunbookError:
+        return None
+    front = front_port(env)
+    port = traffic.h2c_port(found, front) or traffic.unwatched_h2c(found, front)
+    if port is None:
+        return None
+    state = info.status if info.exists else "absent"
+    return (f"Caddy takes cleartext HTTP/2 (h2c) on port {port}, whose connections never move "
+            f"to the new config: any opened before the switch still go to the old {slot} "
+            f"slot, which is down ({info.name} {state}), and get 502 until their clients "
+            "reconnect; restart Caddy to move them now (it cuts every open connection once)")
+
+
 def _held_for_h2c(drained: drain.Drain, h2c: bool, after_switch: bool, *,
                   watched: bool = True) -> str | None:
     """Why the old config may still hold h2c connections to the slot (None: it does not).
@@ -1418,6 +1441,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 if not info.up:
                     ctx.note(container=f"already {info.status}" if info.exists
                              else f"absent: no container named {container}")
+                    if (failing := h2c_left_on_a_dead_slot(env, slot, info)) is not None:
+                        ctx.note(h2c=failing)
+                        ctx.notice(failing)
                     if not info.exists:
                         port = env.slot(slot).port
                         ctx.notice(f"no container named {container}: renamed or removed by "

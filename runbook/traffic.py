@@ -1306,7 +1306,8 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
             f"Caddy accepts cleartext HTTP/2 (h2c) on port {h2c}: a reload does "
             "not move the h2c connections it already holds (golang/go#26682), so their "
             "requests still reach the old slot after the switch. The old slot is stopped only "
-            "once they have closed, else left running for them (the run says so)")
+            "once they have closed, else left running for them (the run says so); one "
+            "already down answers them 502 until their clients reconnect (said at the end)")
     if recorded is not None and recorded != found.slot:
         warnings.append(f"the state file says {recorded} is active but Caddy sends traffic to "
                         f"{found.slot}; trusting Caddy")

@@ -193,6 +193,38 @@ def test_an_h2c_connection_from_before_the_switch_keeps_the_old_slot_running(
 
 @pytest.mark.docker
 @pytest.mark.xdist_group("h2c")
+def test_h2c_connections_left_on_a_serving_slot_that_crashed_are_said_after_the_rollback(
+        stack: DrillStack) -> None:
+    """Found by review: the serving slot crashed (the rollback's main use), on-call rolled
+    back: exit 0, "Done", and status "No problems found", while an h2c connection opened
+    before the switch got 502 on every request for as long as its client kept it (Caddy's
+    previous config keeps it and dials the dead slot). The run says so, with the way to move
+    them now; a fresh connection reaches the new slot. The oracle is the held connection's
+    own answers."""
+    stack.arrange(scenes.PREVIOUS)  # v3 live on blue, v2 stopped on green
+    env = stack.env
+    said: list[str] = []
+    with drill_http.held_h2c_client() as lb:
+        port, *answer = _answer(lb, stack)
+        assert answer == ["HTTP/2", "blue", VERSIONS["v3"].tag]
+        stack.docker("kill", env.slot(Slot.BLUE).container)  # it crashed
+        result = rollback.rollback(env, rollback.Options(to=VERSIONS["v2"].tag),
+                                   notify=said.append)
+        held = lb.get(f"{env.caddy.proxy_url}/version")
+        assert (held.http_version, held.status_code) == ("HTTP/2", 502), held
+        # the same connection, opened before the switch
+        assert held.extensions["network_stream"].get_extra_info("client_addr")[1] == port
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)  # a fresh connection moved
+    stop = next(o for o in result.outcomes if o.name == "stop-old-slot")
+    assert stop.status == "ok", stop
+    notice = next((m for m in said if "h2c" in m and "warning" not in m), "")
+    assert f"port {stack.ports.proxy}" in notice and "get 502 until their clients reconnect" \
+        in notice and "restart Caddy" in notice, said
+    assert result.to_json()["notices"] == said
+
+
+@pytest.mark.docker
+@pytest.mark.xdist_group("h2c")
 def test_a_slot_left_running_for_h2c_connections_is_not_recreated_under_them(
         stack: DrillStack) -> None:
     """A later deploy would recreate that slot (it is the standby now): refused at planning
