@@ -76,6 +76,8 @@ class ContainerInfo:
     # HostConfig.AutoRemove (`docker run --rm`): Docker deletes it once it stops, so a stop
     # of it is its removal (found by review: "kept, not removed" of one Docker then deleted)
     auto_remove: bool = False
+    # HostConfig.RestartPolicy.Name: no | on-failure | unless-stopped | always ("": no)
+    restart_policy: str = ""
 
     def host_ports(self, port: int) -> frozenset[int]:
         """The host ports that reach its tcp `port`: those published for it, or the port
@@ -604,6 +606,8 @@ def _info(name: str, attrs: dict[str, Any]) -> ContainerInfo:
         docker_health=(state.get("Health") or {}).get("Status")
         if state.get("Status") == "running" else None,
         auto_remove=bool((attrs.get("HostConfig") or {}).get("AutoRemove")),
+        restart_policy=str(((attrs.get("HostConfig") or {}).get("RestartPolicy") or {})
+                           .get("Name") or ""),
     )
 
 

@@ -103,6 +103,20 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
     return None
 
 
+def comes_back(info: ContainerInfo) -> str | None:
+    """Said of an old slot stopped (or found down) under the restart policy `always`, which
+    Docker applies again when its engine starts (a reboot, an upgrade): the build users were
+    taken off then runs again beside the new one, its workers and cron writing to the
+    database (found by review: unsaid). `unless-stopped` keeps a stopped one stopped. The
+    policy is the host's (its compose file's): said, never changed."""
+    if info.restart_policy != "always":
+        return None
+    return (f"{info.name}'s restart policy is `always`: Docker starts it again when its engine "
+            "restarts (a reboot), the build users were taken off running beside the new one; "
+            f"to keep it stopped, `docker update --restart unless-stopped {info.name}` (and the "
+            "same `restart:` in the host's compose file)")
+
+
 def h2c_left_on_a_dead_slot(env: Environment, slot: Slot, info: ContainerInfo) -> str | None:
     """What users on cleartext HTTP/2 meet after a switch away from a slot that was already
     down (crashed, or stopped by a restore's maintenance stop), or None where Caddy takes no
@@ -1444,6 +1458,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                     if (failing := h2c_left_on_a_dead_slot(env, slot, info)) is not None:
                         ctx.note(h2c=failing)
                         ctx.notice(failing)
+                    if (back := comes_back(info)) is not None:
+                        ctx.note(restart_policy=back)
+                        ctx.notice(back)
                     if not info.exists:
                         port = env.slot(slot).port
                         ctx.notice(f"no container named {container}: renamed or removed by "
@@ -1479,6 +1496,9 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
             return
         ctx.note(container=docker.inspect(container).status
                  + (f" (was {info.status})" if not info.running else ""))
+        if (back := comes_back(info)) is not None:
+            ctx.note(restart_policy=back)
+            ctx.notice(back)
 
     guard = ("refused if Caddy sends traffic to it at that moment"
              + f"; kept running if the {slot.other} slot "

@@ -234,6 +234,25 @@ def test_rollback_to_a_running_standby(stack: DrillStack) -> None:
     assert not docker.inspect(env.slot("blue").container).running
 
 
+def test_an_old_slot_docker_restarts_at_every_engine_start_is_said(stack: DrillStack) -> None:
+    """Found by review: under the restart policy `always` (a host's compose file), the old
+    slot the rollback stops is started again by Docker at its next engine start (a reboot):
+    the build users were taken off runs beside the new one, unsaid. The run says so, with
+    the `docker update` that keeps it stopped; the policy itself is the host's, unchanged.
+    The oracle: Docker's own inspect of the policy, and the stop as Docker reports it."""
+    stack.arrange(scenes.PREVIOUS_RUNNING)
+    env = stack.env
+    blue = env.slot(Slot.BLUE).container
+    stack.docker("update", "--restart", "always", blue)
+    said: list[str] = []
+    rollback.rollback(env, notify=said.append)
+    assert through_proxy(env) == ("green", V2.tag)
+    assert stack.docker("inspect", "-f", "{{.State.Status}} {{.HostConfig.RestartPolicy.Name}}",
+                        blue).stdout.split() == ["exited", "always"]
+    assert any("restart policy is `always`" in m
+               and f"docker update --restart unless-stopped {blue}" in m for m in said), said
+
+
 def _connections_accepted(snmp: Path) -> int:
     """TCP connections accepted in a network namespace, as its kernel counts them
     (PassiveOpens in `snmp`, /proc/<pid>/net/snmp of a process in it)."""
