@@ -507,7 +507,8 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                         "it), so this deploy migrates without the runbook's way back; restore "
                         "by hand if needed, or move them into a bytea column first")
     summary = (f"deploy {version} to {env.display}'s {target} slot ("
-               + ("Caddy dials neither slot now)" if dialed_none else f"traffic now on {live})"))
+               + ("Caddy dials neither slot when planned)" if dialed_none
+                  else f"traffic on {live} when planned)"))
     return Plan("deploy", env, summary, steps, warnings, diff,
                 facts={"version": version, "to": version, "to_slot": str(target),
                        "from_slot": str(live)},

@@ -1563,7 +1563,7 @@ def test_a_first_deploy_beside_a_caddy_that_dials_no_slot_never_names_a_slot_as_
     finally:
         env.state_file.write_bytes(saved)
     summary = result.plan.render().splitlines()[0]
-    assert "Caddy dials neither slot now" in summary, summary
+    assert "Caddy dials neither slot when planned" in summary, summary
     assert "traffic now on" not in summary, summary
 
 
