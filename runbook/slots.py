@@ -728,7 +728,10 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
         image, named = _for_good(env, info, version, claimed_by)
     if holds:
         kept = image + _tag_moved(info, image, version) + named
-        if info.running:
+        # running in the seconds of a crash loop is the loop (found by review: the same dry
+        # run planned "already running" or refused, by the instant it looked)
+        loop = docker.crash_loop(info) if info.running else None
+        if info.running and loop is None:
             return Preparation(slot, info, image, version, "none", f"already running {kept}")
         if info.status in ("exited", "created"):
             return Preparation(slot, info, image, version, "start",
@@ -736,10 +739,12 @@ def prepare(env: Environment, slot: Slot, version: str, image: str | None = None
         if info.status == "paused":  # Docker refuses to start a paused container
             return Preparation(slot, info, image, version, "unpause",
                                f"unpause the paused container (it keeps {kept})")
-        if info.status == "restarting":  # its restart policy keeps starting it: it exits
+        if info.status == "restarting" or loop is not None:  # its policy restarts it: it exits
             raise PreconditionError(
-                f"slot {slot}'s container {info.name} is restarting: it keeps exiting and "
-                f"Docker's restart policy keeps starting it again ({image}); nothing was changed",
+                f"slot {slot}'s container {info.name} is "
+                + (f"crash-looping ({loop})" if loop is not None else "restarting")
+                + f": it keeps exiting and Docker's restart policy keeps starting it again "
+                f"({image}); nothing was changed",
                 f"read `docker logs --tail 100 {info.name}`; once it runs (or after `docker "
                 f"stop {info.name}`, which ends the loop), run the same command again")
         # "dead" (Docker failed to remove it): it cannot be started, only replaced
