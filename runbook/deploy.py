@@ -642,7 +642,7 @@ def _revision(image: str) -> str:
         labels = docker.image_labels(image) or {}
     except Exception:
         return ""
-    revision = str(labels.get("org.opencontainers.image.revision", "")).strip().lower()
+    revision = str(labels.get(docker.REVISION_LABEL, "")).strip().lower()
     return revision if re.fullmatch(r"[0-9a-f]{40}", revision) else ""
 
 

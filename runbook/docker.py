@@ -35,6 +35,8 @@ _SOCKET = "/var/run/docker.sock"
 
 
 SLOT_LABEL = "com.togather.deployment.slot"  # the contract's label on a slot's container
+# the commit a build names itself by (the upstream Dockerfile's LABEL, from GIT_COMMIT)
+REVISION_LABEL = "org.opencontainers.image.revision"
 
 
 class DockerError(RunbookError):

@@ -536,19 +536,132 @@ def _other_target(env: Environment, found: tuple[intents.Intent, str] | None,
 
 
 def _past_a_failed_gate(env: Environment, state: states.DeploymentState,
-                        target: states.Deployment, serving: str) -> str:
+                        target: states.Deployment, serving: str, guard: Guard) -> str:
     """What a rollback whose target fails its health gate offers next (traffic stays), as
     features/troubleshooting.feature does: the newest deployment older than the target,
     named with --to, when the history has one, and a known-good version deployed. Found by
-    the on-call walkthrough review: the failure said only `docker logs`."""
+    the on-call walkthrough review: the failure said only `docker logs`. That --to is offered
+    only where the schema guard lets it run (`_guard_lets`, from what it read for this run):
+    found by review, it offered one the runbook then refused (exit 4, schema); one it cannot
+    tell is said so, with the dry run that tells."""
     deploy = f"deploy a known-good version: {compose.deploy_hint(env, '<known-good version>')}"
     older = [d for d in state.deployments() if d.deployed_at < target.deployed_at
              and d.version not in (target.version, serving)]
     if not older:
         return f"or {deploy}"
-    back = max(older, key=lambda d: d.deployed_at).version
-    return (f"or roll back further, to {back}: `runbook rollback {command_arg(env)} --to "
-            f"{back}`; or {deploy}")
+    back = max(older, key=lambda d: d.deployed_at)
+    command = f"runbook rollback {command_arg(env)} --to {back.version}"
+    lets, why = _guard_lets(back, guard)
+    if lets:
+        return f"or roll back further, to {back.version}: `{command}`; or {deploy}"
+    if lets is False:
+        return (f"or {deploy} (rolling back further, to {back.version}, is refused by the "
+                f"schema guard: {why})")
+    return (f"or {deploy}; whether the schema guard lets a rollback further, to "
+            f"{back.version}, run cannot be told here ({why}): `{command} --dry-run` says")
+
+
+def _guard_lets(dep: states.Deployment, guard: Guard) -> tuple[bool | None, str]:
+    """Would the schema guard let a rollback to `dep` run now? Judged from what it read for
+    this run (the database's schema) and the schema `dep`'s record names, as the guard
+    judges a recorded one: True, False, or None when that cannot be told without its own
+    read (no schema recorded: sidecars or the app would say; the database not read; a
+    restore replacing it first); and why, said with False or None."""
+    if guard.restore is not None:
+        return None, "this run restores the database first"
+    if guard.read is None:
+        return None, "the database's schema was not read"
+    if guard.dirty:
+        return False, f"the database schema is dirty at version {guard.read}"
+    if dep.migration_version is None:
+        return None, f"{dep.version}'s record names no schema"
+    if dep.migration_version != guard.read:
+        return False, (f"{dep.version} ran with schema {dep.migration_version}, the database "
+                       f"is at {guard.read}")
+    return True, ""
+
+
+def _build_to_run(prep: slots.Preparation) -> tuple[str | None, str]:
+    """(image id, name) of the build the target slot would run: compose's image for a
+    recreate (the id the plan shows), else the container's own build, as a start keeps it."""
+    if prep.action == "recreate":
+        name = prep.made or prep.image
+        return prep.build or docker.image_id(name), name
+    return prep.container.image_id, prep.container.image or prep.image
+
+
+def _refuse_another_build(env: Environment, state: states.DeploymentState,
+                          target: states.Deployment, prep: slots.Preparation,
+                          serving: docker.ContainerInfo, live: Slot, from_version: str,
+                          guard: Guard) -> None:
+    """Refuse, before anything changes (exit 4), a target slot that would run (a start, a
+    recreate, or kept running) a build whose `org.opencontainers.image.revision` label names
+    another commit than the state file records for the target, or the very build that
+    serves. Found by review (a docker-run host, its standby recreated by hand from a tag
+    moved to another build): the plan said "start the exited container", "schema guard
+    compatible", and the gate failed 30 s later; with the serving tag retagged and its
+    container recreated from it, the plan rolled back onto the build users already ran.
+    Neither the tag nor a container's name tells the build; its label and image id do. No
+    label (or `unknown`): as before, the gate compares what the slot answers."""
+    build, name = _build_to_run(prep)
+    if build is None:
+        return
+    config = env.slot(prep.slot)
+    container = (f"slot {prep.slot}'s {prep.container.status} container "
+                 f"{prep.container.name} (made from {name})"
+                 if prep.action != "recreate" else f"{name}, which the recreate of {prep.slot}"
+                 " would run,")
+    if serving.exists and serving.image_id == build:
+        raise PreconditionError(
+            f"the target would run the same build that serves: {container} holds build "
+            f"{docker.short_id(build)}, the one {live}'s container {serving.name} runs as "
+            f"{from_version} ({serving.image}); rolling back to {target.version} would change "
+            "nothing users run; nothing was changed",
+            f"`runbook status {command_arg(env)}` names the build that serves (a tag "
+            "retagged or rebuilt, and a container recreated from it): if it is the one "
+            f"meant, nothing needs rolling back; otherwise put {target.version}'s build "
+            f"(commit {target.git_commit}) back under {name} and replace {config.container} "
+            "with it, or name another version with --to")
+    said = slots.build_commit(build, prep.container.labels
+                              if prep.action != "recreate" else None)
+    recorded = health.named_commit(target.git_commit)
+    if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
+        return
+    cut = 7 if said[:7] != recorded[:7] else None  # never two alike
+    holds = [d for d in state.deployments() if health.commits_differ(d.git_commit, said) is False]
+    meant = max(holds, key=lambda d: d.deployed_at) if holds else None
+    rebuild = (f"put commit {recorded}'s build back under {name}: rebuild it (cd "
+               f"/opt/togather/src && git checkout {recorded} && docker build -f "
+               f"deploy/docker/Dockerfile --build-arg VERSION={target.version} --build-arg "
+               f"GIT_COMMIT={recorded} -t {name} .), or `docker tag` that build as {name} if "
+               "this host still has it")
+    if prep.action != "recreate":
+        rebuild += (f", then replace {config.container} (it serves no users) with a container "
+                    "of it: " + (f"`docker rm -f {config.container}` and the rollback "
+                                 "recreates it through compose"
+                                 if compose.can_recreate(env, prep.slot) else
+                                 "the way this host makes its slots (its `docker run` "
+                                 "command)"))
+    rebuild += "; then run the rollback again"
+    if meant is None:
+        other = f" (no deployment in the history records commit {said[:cut]})"
+    elif meant.version == from_version:
+        other = f" (commit {said[:cut]} is {from_version}'s, the build rolled back from)"
+    else:
+        lets, why = _guard_lets(meant, guard)
+        command = f"runbook rollback {command_arg(env)} --to {meant.version}"
+        other = (f"; or, if {meant.version}'s build (the one {name} holds) is meant: "
+                 f"`{command}`" if lets else
+                 f" ({name} holds {meant.version}'s build, and a rollback to {meant.version} "
+                 f"is refused by the schema guard: {why})" if lets is False else
+                 f"; or, if {meant.version}'s build (the one {name} holds) is meant, `{command}"
+                 f" --dry-run` says whether the schema guard lets it run ({why})")
+    raise PreconditionError(
+        f"{container} holds commit {said[:cut]} (the {docker.REVISION_LABEL} label of its "
+        f"build {docker.short_id(build)}), but the state file records commit "
+        f"{recorded[:cut]} for {target.version} ({target.id}): the rollback would run "
+        "another build than the one recorded (its tag rebuilt or retagged since); nothing "
+        "was changed", rebuild + other)
 
 
 def _expected_commit(target: states.Deployment, prep: slots.Preparation,
@@ -704,9 +817,20 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                     f"-f deploy/docker/Dockerfile --build-arg VERSION={target.version} "
                     f"--build-arg GIT_COMMIT={target.git_commit} -t {wanted} .) and run the "
                     f"rollback again, or deploy a known-good version: {compose.deploy_hint(env)}")
-        prep = slots.prepare(env, standby, target.version, target.image or None,
-                             action="rollback", recovery=recovery,
-                             info=containers[standby].result())
+        try:
+            prep = slots.prepare(env, standby, target.version, target.image or None,
+                                 action="rollback", recovery=recovery,
+                                 info=containers[standby].result())
+        except PreconditionError as exc:
+            # a refusal whose fix makes the slot from the tag (a `docker run` host): said
+            # when that tag holds another commit now, or following it fails the rollback
+            moved = slots.tag_holds_another(wanted, target.git_commit)
+            if moved is not None and exc.fix and wanted in exc.fix:
+                exc.fix = (f"{wanted} no longer holds {target.version}'s build ({moved}): "
+                           f"put commit {target.git_commit}'s build back under it first "
+                           f"(rebuild it, or `docker tag` that build as {wanted} if this host "
+                           f"still has it); then {exc.fix}")
+            raise
         if prep.action == "recreate" and prep.build is not None:
             # the tag may name another build than the one that ran as the target (found by
             # review: rebuilt from the code rolled back from, and the plan did not say so)
@@ -740,6 +864,9 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                 raise
             raise down_after_interrupted(env, found[0], live, exc) from None
         warnings += guard.warnings
+        # the build the target slot would run: its label's commit, and not the serving one
+        _refuse_another_build(env, state, target, prep, containers[live].result(), live,
+                              from_version, guard)
         if from_version != current.version:
             guard.details["schema judged from"] = (
                 f"{from_version}, which serves (the state file's current is {current.version})"
@@ -819,7 +946,7 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                            commit=_expected_commit(target, prep, guard.restore is not None),
                            # a failed gate after a restore has its own words (the database
                            # was replaced): no other version is offered there
-                           way_out=(_past_a_failed_gate(env, state, target, from_version)
+                           way_out=(_past_a_failed_gate(env, state, target, from_version, guard)
                                     if guard.restore is None else None))
     recorded = recording.rolled_back(state, intent, target, run_id=run_id)
     after = recording.state_lines(recorded or state)

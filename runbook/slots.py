@@ -847,6 +847,37 @@ def moved_since(made: str, build: str, ran: tuple[str, str] | None, version: str
             f"name; {gate}")
 
 
+def build_commit(image: str, labels: dict[str, str] | None = None) -> str | None:
+    """The commit a build names itself by: its image's `org.opencontainers.image.revision`
+    label (`image`: a tag or an image id), as health.named_commit reads one; `labels` (a
+    container's own, which carry its image's) when the image cannot be inspected. None when
+    no label names a commit (absent, `unknown`): a build is never refused for what it does
+    not say. Read before a container is made from a tag that moves (`docker tag`, a rebuild),
+    which only the gate's /health or /version told, once it ran."""
+    found = docker.image_labels(image)
+    if found is None:
+        found = labels or {}
+    return health.named_commit(found.get(docker.REVISION_LABEL))
+
+
+def tag_holds_another(image: str, recorded: str) -> str | None:
+    """What `image` (a deployment's tag) holds when its build's revision label names another
+    commit than `recorded` (the state file's git_commit; retagged or rebuilt since), said in
+    a fix that would make a slot from it; None when they agree, either names none, or the
+    image cannot be read. Found by review: status offered recreating the previous slot from
+    a tag moved to v1's build as the way back, and the rollback then failed its gate."""
+    try:
+        said = build_commit(image)
+    except RunbookError:
+        return None
+    commit = health.named_commit(recorded)
+    if said is None or commit is None or health.commits_differ(commit, said) is not True:
+        return None
+    cut = 7 if said[:7] != commit[:7] else None  # never two alike
+    return (f"its build's {docker.REVISION_LABEL} label names commit {said[:cut]}, the state "
+            f"file records {commit[:cut]}")
+
+
 def built_line(made: str, build: str) -> str:
     """The plan's line for the build a recreate makes: the one the created container is
     checked against, so the plan says exactly what runs, not only a name."""

@@ -2303,7 +2303,10 @@ def _restore_then_fail_the_gate(stack: DrillStack) -> pytest.ExceptionInfo[Runbo
     # the previous deployment's build turns out broken (its container was pruned)
     st = states.read_state(env.state_file)
     assert st.previous is not None
+    # recorded as that build names itself (its revision label: a record naming another
+    # commit is refused before the gate, tests/test_rollback.py)
     broken = st.previous.with_(version=VERSIONS["unhealthy"].tag,
+                               git_commit=VERSIONS["unhealthy"].git_commit,
                                image=VERSIONS["unhealthy"].image, migration_version=1)
     states.write_state(env.state_file, st.with_(previous=broken))
     docker.remove(env.slot(Slot.BLUE).container)

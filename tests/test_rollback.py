@@ -1075,12 +1075,15 @@ def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_
         stack.docker("rmi", "--no-prune", moved, check=False)
 
 
-def rebuilt_as(stack: DrillStack, tag: str, base: str) -> str:
+def rebuilt_as(stack: DrillStack, tag: str, base: str, revision: str | None = None) -> str:
     """A build of `base` that answers as version `tag` (`togather-server:<tag>`), as a
-    rebuild from other code under the same APP_VERSION leaves it; returns its image id."""
+    rebuild from other code under the same APP_VERSION leaves it; returns its image id. It
+    keeps `base`'s org.opencontainers.image.revision label, unless `revision` names another
+    (`unknown`: a build that names no commit, as the upstream Dockerfile's default)."""
     moved = f"{stack.env.compose.image_repository}:{tag}"
+    label = (f"LABEL {docker.REVISION_LABEL}={revision}\n" if revision is not None else "")
     subprocess.run(["docker", "build", "-q", "-t", moved, "-"], text=True,
-                   input=f"FROM {base}\nENV APP_VERSION={tag}\n", capture_output=True,
+                   input=f"FROM {base}\nENV APP_VERSION={tag}\n{label}", capture_output=True,
                    check=True, timeout=300)
     return docker.image_id(moved) or ""
 
@@ -1098,11 +1101,14 @@ def test_a_recreate_from_a_rebuilt_tag_is_refused_at_its_gate_when_the_commit_di
     """Found by review: the previous deployment's container was removed and its tag rebuilt
     from other code (v3's, the very build rolled back from) under the same APP_VERSION. The
     plan showed the new build id without saying it differs from the build that ran, the gate
-    passed on the version alone, and users got v3 again with "No problems found". The gate
-    now compares the commit /health names with the one the state file records: refused
-    before the commit point, traffic stays, the started container is stopped, the state file
-    is untouched. A host whose /health names no commit (minimal-health) keeps rolling back,
-    the gate saying the commit was not checked."""
+    passed on the version alone, and users got v3 again with "No problems found". A build
+    whose org.opencontainers.image.revision label names v3's commit is refused by the plan
+    (exit 4, nothing changed: review MEDIUM, the gate used to find it only after a recreate).
+    One whose label names no commit (`unknown`) is planned, and the gate compares the commit
+    /health names with the one the state file records: refused before the commit point,
+    traffic stays, the started container is stopped, the state file is untouched. A host
+    whose /health names no commit (minimal-health) keeps rolling back, the gate saying the
+    commit was not checked."""
     if docker_run_host(stack):
         pytest.skip("the deploys below recreate through compose; a docker-run host has none")
     import secrets
@@ -1112,14 +1118,26 @@ def test_a_recreate_from_a_rebuilt_tag_is_refused_at_its_gate_when_the_commit_di
     tag = secrets.token_hex(4)[:7]
     moved = f"{env.compose.image_repository}:{tag}"
     ran = rebuilt_as(stack, tag, V2.image)
+    labelled = ""
     try:
         deploy.deploy(env, deploy.Options(version=tag))  # green runs the tag (v2's build)
         deploy.deploy(env, deploy.Options(version=V3.tag))  # blue serves; green stopped
         recorded = states.read_state(env.state_file).previous
         assert recorded is not None and recorded.git_commit == V2.git_commit  # its /health's
         stack.docker("rm", "-f", env.slot("green").container)
-        now = rebuilt_as(stack, tag, V3.image)  # the tag moves to v3's code
-        assert now != ran
+        labelled = rebuilt_as(stack, tag, V3.image)  # the tag moves to v3's code, labelled
+        assert labelled != ran
+        before = snapshot(env)
+        refused = runbook_cli(env, "rollback", "--dry-run")
+        said = refused.stdout + refused.stderr
+        assert refused.returncode == ExitCode.PRECONDITION, said
+        assert (f"{moved}, which the recreate of green would run, holds commit {V3.tag}" in said
+                and f"records commit {V2.git_commit[:7]} for {tag}" in said), said
+        assert "rebuild it" in said and V2.git_commit in said, said  # the fix
+        assert runbook_cli(env, "rollback", "--yes").returncode == ExitCode.PRECONDITION
+        assert snapshot(env) == before  # nothing changed: no container made
+        now = rebuilt_as(stack, tag, V3.image, revision="unknown")  # a build naming none
+        assert now not in (ran, labelled)
         planned = runbook_cli(env, "rollback", "--dry-run")
         assert planned.returncode == 0, planned.stderr
         # the plan says the tag names another build than the one that ran as `tag`
@@ -1145,6 +1163,9 @@ def test_a_recreate_from_a_rebuilt_tag_is_refused_at_its_gate_when_the_commit_di
     finally:
         stack.docker("rm", "-f", env.slot("green").container, check=False)
         stack.docker("rmi", "-f", "--no-prune", moved, check=False)
+        for build in (labelled, ran):  # the builds the tag named before, untagged since
+            if build:
+                stack.docker("rmi", "-f", build, check=False)
 
 
 @pytest.mark.shape_specific
@@ -1231,6 +1252,82 @@ def test_status_says_a_serving_slot_recreated_from_a_retagged_tag_runs_another_b
         stack.docker("rmi", "-f", ran, check=False)  # the build the tag named first
 
 
+def with_image(env: Environment, which: str, image: str) -> None:
+    """The state file's `which` deployment (current or previous) recorded under `image`: the
+    tag the host's own tooling named it by (retag's own repository: the drill's tags stay)."""
+    st = states.read_state(env.state_file)
+    dep = getattr(st, which)
+    assert dep is not None
+    states.write_state(env.state_file, st.with_(**{which: dep.with_(image=image)}))
+
+
+@pytest.mark.shape_specific
+def test_a_standby_made_from_a_tag_retagged_to_another_build_is_refused_before_anything_changes(
+        stack: DrillStack, request: pytest.FixtureRequest) -> None:
+    """Found by review (MEDIUM, a docker-run host): the previous deployment v2's tag was
+    moved to v1's build (`docker tag`) and its slot made again from it, as status's fix
+    said. The plan said "start the exited container" and "schema guard compatible"; the
+    gate failed 30 s later, and its fix offered `--to` v1, which the schema guard refuses.
+    The build's org.opencontainers.image.revision label names v1's commit, not the one the
+    state file records for v2: refused at plan time (exit 4, nothing changed), naming the
+    tag, both commits and the rebuild; v1 is not offered (the guard refuses it: v1 ran with
+    schema 1, the database is at 2)."""
+    env = two_deployments(stack)  # v3 serves on blue; v2 stopped on green
+    moved = retag(stack, request, V1.image, "togather-retag", tag=V2.tag)  # v1's build
+    with_image(env, "previous", moved)
+    green = env.slot(Slot.GREEN).container
+    stack.docker("rm", "-f", green)
+    try:
+        stack.docker_run(Slot.GREEN, moved)  # as the host makes its slots, from the tag
+        stack.docker("stop", green)
+        made = docker.inspect(green)
+        assert made.image == moved and made.image_id == docker.image_id(V1.image)  # oracle
+        before = snapshot(env)
+        for args in (("--dry-run",), ("--yes",)):
+            run = runbook_cli(env, "rollback", *args)
+            said = run.stdout + run.stderr
+            assert run.returncode == ExitCode.PRECONDITION, said
+            assert (f"container {green} (made from {moved}) holds commit {V1.tag}" in said
+                    and f"records commit {V2.git_commit[:7]} for {V2.tag}" in said), said
+            assert V2.git_commit in said and "docker tag" in said, said  # rebuild or retag
+            assert f"--to {V1.tag}`" not in said and "refused by the schema guard" in said, said
+            errors = [line for line in run.stderr.splitlines()
+                      if line.startswith("runbook: error:")]
+            assert len(errors) == 1 and V2.git_commit in errors[0], run.stderr  # one line
+            assert snapshot(env) == before
+    finally:  # made from a tag the test removes: the next test's arrange makes it anew
+        stack.docker("rm", "-f", green, check=False)
+
+
+@pytest.mark.shape_specific
+def test_a_rollback_onto_the_build_that_serves_is_refused(
+        stack: DrillStack, request: pytest.FixtureRequest) -> None:
+    """Found by review (residual): the serving deployment v3's tag was retagged to v2's build
+    and the serving container recreated from it; the rollback to v2 planned "roll back from
+    a7f3fbb to 5db0fdf" onto the very build users already ran. Refused (exit 4, nothing
+    changed): the target would run the same build that serves."""
+    env = two_deployments(stack)  # v3 serves on blue; v2 stopped on green
+    moved = retag(stack, request, V2.image, "togather-retag", tag=V3.tag)  # v2's build
+    with_image(env, "current", moved)
+    blue = env.slot(Slot.BLUE).container
+    stack.docker("rm", "-f", blue)
+    stack.docker_run(Slot.BLUE, moved)  # the serving slot made again from the moved tag
+    try:
+        health.wait_healthy(env, Slot.BLUE, timeout=30)
+        # the oracle: users get v2's build from blue, and green holds that very build
+        assert through_proxy(env) == ("blue", V2.tag)
+        assert docker.inspect(blue).image_id == docker.inspect(
+            env.slot(Slot.GREEN).container).image_id == docker.image_id(V2.image)
+        before = snapshot(env)
+        run = runbook_cli(env, "rollback", "--dry-run")
+        said = run.stdout + run.stderr
+        assert run.returncode == ExitCode.PRECONDITION, said
+        assert "the target would run the same build that serves" in said, said
+        assert snapshot(env) == before
+    finally:  # the next test's arrange makes blue again from the drill's own tag
+        stack.docker("rm", "-f", blue, check=False)
+
+
 def test_a_second_rollback_goes_back_only_when_named(stack: DrillStack) -> None:
     """A rollback typed again (its output lost, a scenario reported skipped) used to roll
     forward, back to the release users were just taken off (found by review): it is refused,
@@ -1266,7 +1363,10 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
     # the previous deployment's build turns out broken (its container was pruned)
     st = states.read_state(env.state_file)
     assert st.previous is not None
+    # recorded as that build names itself (its revision label: a record naming another
+    # commit is refused before the gate, tests/test_rollback.py)
     broken = st.previous.with_(version=VERSIONS["unhealthy"].tag,
+                               git_commit=VERSIONS["unhealthy"].git_commit,
                                image=VERSIONS["unhealthy"].image, migration_version=2)
     states.write_state(env.state_file, st.with_(previous=broken))
     docker.remove(env.slot("blue").container)
@@ -1295,29 +1395,62 @@ def test_health_gate_refuses_a_broken_target_and_traffic_stays(stack: DrillStack
 
 
 @pytest.mark.shape_specific
-def test_a_failed_gate_names_the_older_deployment_and_the_known_good_deploy(
+def test_a_failed_gate_names_the_older_deployment_only_where_the_schema_guard_lets_it_run(
         stack: DrillStack) -> None:
     """Found by the on-call walkthrough review: a rollback whose target failed its health
     gate (exit 1, traffic stays) said only `docker logs`, while the troubleshooting feature's
     way out is another version. v1, a broken build, then v2 (serving): the rollback to the
-    broken build fails its gate and names `runbook rollback ENV --to v1`, the deployment
-    before it, and the deploy of a known-good version."""
+    broken build fails its gate and names the deploy of a known-good version, and the
+    deployment before it, v1, with `--to` only where the schema guard lets that run. Found
+    by review (MEDIUM): it offered `--to v1`, which the runbook then refused (exit 4, v1 ran
+    with schema 1, the database is at 2). As arranged, v1 is said refused; recorded at the
+    database's schema, it is offered; recorded with none (older tooling), whether the guard
+    lets it run is not known here, and the dry run that tells is named instead."""
     stack.arrange(scenes.BROKEN_PREVIOUS)
     env = stack.env
-    before = snapshot(env)
+    command = f"runbook rollback {command_arg(env)} --to {V1.tag}"
     # long enough for the broken build's 503 to be seen (test_health_gate_refuses_...)
     fast = env.with_(health=dataclasses.replace(env.health, timeout=20.0))
-    with pytest.raises(RunbookError) as err:
-        rollback.rollback(fast)
-    said = str(err.value)
-    assert err.value.exit_code == ExitCode.FAILED_SAFELY, said
-    assert "did not become healthy" in said, said
-    assert f"`runbook rollback {command_arg(env)} --to {V1.tag}`" in said, said
-    assert compose.deploy_hint(env, "<known-good version>") in said, said
-    assert "\n" not in err.value.message
-    after = snapshot(env)
-    assert after["traffic"] == before["traffic"] and after["state"] == before["state"]
-    assert not after["lock"]
+
+    def failed_gate() -> str:
+        before = snapshot(env)
+        with pytest.raises(RunbookError) as err:
+            rollback.rollback(fast)
+        said = str(err.value)
+        assert err.value.exit_code == ExitCode.FAILED_SAFELY, said
+        assert "did not become healthy" in said, said
+        assert compose.deploy_hint(env, "<known-good version>") in said, said
+        assert "\n" not in err.value.message
+        after = snapshot(env)
+        assert after["traffic"] == before["traffic"] and after["state"] == before["state"]
+        assert not after["lock"]
+        return said
+
+    def guard_refuses_v1() -> bool:  # the oracle: the rollback to v1 itself, planned
+        planned = runbook_cli(env, "rollback", "--to", V1.tag, "--dry-run")
+        return planned.returncode == ExitCode.PRECONDITION and "schema" in planned.stderr
+
+    def v1_recorded_at(schema: int | None) -> None:
+        st = states.read_state(env.state_file)
+        v1 = st.find_version(V1.tag)
+        assert v1 is not None
+        states.write_state(env.state_file, st.with_(history=tuple(
+            d.with_(migration_version=schema) if d.id == v1.id else d for d in st.history)))
+        assert states.read_state(env.state_file).find_version(V1.tag).migration_version \
+            == schema
+
+    assert guard_refuses_v1()
+    said = failed_gate()
+    assert f"`{command}`" not in said, said
+    assert (f"to {V1.tag}, is refused by the schema guard: {V1.tag} ran with schema 1, the "
+            "database is at 2" in said), said
+    v1_recorded_at(2)
+    assert not guard_refuses_v1()
+    said = failed_gate()
+    assert f"roll back further, to {V1.tag}: `{command}`" in said, said
+    v1_recorded_at(None)
+    said = failed_gate()
+    assert f"`{command}`" not in said and f"`{command} --dry-run` says" in said, said
 
 
 def test_caddy_not_running_is_a_clear_error_and_nothing_changes(stack: DrillStack) -> None:
