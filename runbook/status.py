@@ -961,15 +961,22 @@ def previous_absent(f: Facts) -> Iterator[Problem]:
     serves = " (it serves)" if f.active == slot.other else ""
     back = f"runbook rollback {_arg(f.env)}" + (f" --to {prev.version}"
                                                 if state.rolled_back_from is not None else "")
+    image = expected_image(f.env, prev)
+    recreate = (f"recreate {slot} ({config.container}) with {image} on port {config.port} the "
+                f"way this host makes its slots (its `docker run` command), never "
+                f"{slot.other}{serves}; then `{back}` goes back to it")
+    moved = slots.tag_holds_another(image, prev.git_commit)
+    if moved is not None:  # recreated from it, the rollback is refused (found by review)
+        recreate = (f"{image} no longer holds {prev.version}'s build: {moved}, so a container "
+                    f"made from it is not the way back; put commit {prev.git_commit}'s build "
+                    f"back under {image} first (rebuild it, or `docker tag` that build as "
+                    f"{image} if this host still has it), then {recreate}")
     yield Problem(f"the previous deployment {prev.version}'s {slot} container {config.container} "
                   f"is absent (renamed, or removed: Docker deletes one started with --rm when "
                   f"it stops), and {why}: a rollback to {prev.version} is refused",
                   f"if it was renamed, give it its name back: `docker ps -a --filter "
                   f"label={SLOT_LABEL}={slot}` finds it, then `docker rename <its name> "
-                  f"{config.container}`; otherwise "
-                  f"recreate {slot} ({config.container}) with {expected_image(f.env, prev)} on "
-                  f"port {config.port} the way this host makes its slots (its `docker run` "
-                  f"command), never {slot.other}{serves}; then `{back}` goes back to it")
+                  f"{config.container}`; otherwise {recreate}")
 
 
 def upstream_unresolved(f: Facts) -> Iterator[Problem]:

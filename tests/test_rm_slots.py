@@ -232,6 +232,44 @@ def test_a_previous_container_absent_while_a_deploy_holds_the_lock_is_no_problem
     assert "previous_absent" in checks[1], after.stdout
 
 
+@pytest.mark.shape_specific
+def test_an_absent_previous_whose_tag_holds_another_build_is_not_offered_as_the_way_back(
+        scene_stack: DrillStack, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Found by review (MEDIUM, a docker-run host): with the previous deployment v2's
+    container gone, status's fix said to recreate green from v2's tag with the host's `docker
+    run`, though that tag had been moved to v1's build (`docker tag`): followed, the rollback
+    failed its gate. The tag's build names v1's commit in its revision label: the fix says
+    so, and puts the recorded commit's build back under the tag first; so does the
+    rollback's refusal, which names the same recreate."""
+    from runbook import state as states
+    from tests.drill_checks import retag
+
+    scene_stack.arrange(scenes.PREVIOUS)  # v3 serves on blue, v2 stopped on green
+    env = docker_run_host(scene_stack, tmp_path)
+    moved = retag(scene_stack, request, VERSIONS["v1"].image, "togather-retag", tag=V2.tag)
+    st = states.read_state(env.state_file)
+    assert st.previous is not None
+    states.write_state(env.state_file, st.with_(previous=st.previous.with_(image=moved)))
+    green = env.slot(Slot.GREEN).container
+    scene_stack.docker("rm", "-f", green)
+    # the oracle: the tag's build is v1's, by Docker's image id
+    assert (inspected(moved) or {}).get("Id") == (inspected(VERSIONS["v1"].image) or {}).get("Id")
+    seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+    found = [p for p in seen["problems"] if p["check"] == "previous_absent"]
+    assert len(found) == 1, seen["problems"]
+    fix = found[0]["fix"]
+    assert (f"{moved} no longer holds {V2.tag}'s build" in fix
+            and f"names commit {VERSIONS['v1'].tag}, the state file records {V2.tag}" in fix
+            and f"put commit {V2.git_commit}'s build back under {moved} first" in fix), fix
+    assert fix.index("back under") < fix.index(f"recreate green ({green}) with {moved}"), fix
+    # the rollback's own refusal (it cannot make green here) says it too, before its recreate
+    refused = runbook_cli(env, "rollback", "--dry-run")
+    line = error_line(refused)
+    assert refused.returncode == 4, refused.stderr
+    assert (f"{moved} no longer holds {V2.tag}'s build" in line
+            and line.index("back under") < line.index(f"recreate {green} with {moved}")), line
+
+
 def test_a_restoring_rollback_refuses_an_rm_app_slot_its_stop_would_delete(
         scene_stack: DrillStack, tmp_path: Path) -> None:
     """The serving green made by `docker run --rm`: the restore's maintenance stop would
