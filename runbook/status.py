@@ -979,6 +979,46 @@ def previous_absent(f: Facts) -> Iterator[Problem]:
                   f"{config.container}`; otherwise {recreate}")
 
 
+def previous_other_build(f: Facts) -> Iterator[Problem]:
+    """The previous deployment's container, kept in the standby slot under its recorded tag,
+    holds a build whose revision label names another commit than the state file records
+    (the tag retagged or rebuilt, the container made again from it): a rollback to it is
+    refused (rollback._refuse_another_build). Found by review: after status's own fix was
+    followed with a tag moved to v1's build, status said "No problems found", and the
+    rollback failed its gate. No label naming a commit: no problem (nothing contradicts)."""
+    state, active = f.state, f.active
+    prev = state.previous if state is not None else None
+    if prev is None or active is None or prev.active_slot != active.other:
+        return
+    if (f.lock is not None and not f.lock.stale) or (
+            f.intent is not None and active.other in (f.intent.source, f.intent.target)):
+        return  # a run may be making it now; an interrupted run's problem says what to do
+    slot, info = active.other, f.containers.get(active.other)
+    image = expected_image(f.env, prev)
+    if info is None or not info.exists or info.image != image or info.image_id is None:
+        return
+    try:
+        said = slots.build_commit(info.image_id, info.labels)
+    except RunbookError:
+        return
+    recorded = health.named_commit(prev.git_commit)
+    if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
+        return
+    from runbook import compose
+
+    cut = 7 if said[:7] != recorded[:7] else None  # never two alike
+    how = (f"`docker rm -f {info.name}`, and the rollback recreates it through compose"
+           if compose.made_again(f.env, slot, f.containers.get(active)) is None else
+           "the way this host makes its slots (its `docker run` command)")
+    yield Problem(f"the previous deployment {prev.version}'s {slot} container {info.name} "
+                  f"holds commit {said[:cut]} (its build's {docker.REVISION_LABEL} label, made "
+                  f"from {image}), but the state file records {recorded[:cut]}: a rollback to "
+                  f"{prev.version} is refused (it would run another build than the recorded one)",
+                  f"put commit {prev.git_commit}'s build back under {image} (rebuild it, or "
+                  f"`docker tag` that build as {image} if this host still has it), then replace "
+                  f"{info.name} (it serves no users) with a container of it: {how}")
+
+
 def upstream_unresolved(f: Facts) -> Iterator[Problem]:
     """Another site's upstream Caddy resolves only per request may reach either slot: no
     run stops or recreates one while it runs (traffic.Traffic.unresolved)."""
@@ -1800,7 +1840,8 @@ CHECKS: list[Check] = [
     restore_doubted, restore_unfinished,
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, commit_differs, stale_lock, live_lock, held_for_h2c,
-    standby_running, previous_absent, standby_absent, upstream_unresolved,
+    standby_running, previous_absent, previous_other_build, standby_absent,
+    upstream_unresolved,
     upstream_misses_standby, compose_leftovers, disk_space,
 ]
 

@@ -1271,7 +1271,8 @@ def test_a_standby_made_from_a_tag_retagged_to_another_build_is_refused_before_a
     The build's org.opencontainers.image.revision label names v1's commit, not the one the
     state file records for v2: refused at plan time (exit 4, nothing changed), naming the
     tag, both commits and the rebuild; v1 is not offered (the guard refuses it: v1 ran with
-    schema 1, the database is at 2)."""
+    schema 1, the database is at 2). Status, which said "No problems found", says the
+    previous deployment's container holds another commit (previous_other_build)."""
     env = two_deployments(stack)  # v3 serves on blue; v2 stopped on green
     moved = retag(stack, request, V1.image, "togather-retag", tag=V2.tag)  # v1's build
     with_image(env, "previous", moved)
@@ -1282,6 +1283,14 @@ def test_a_standby_made_from_a_tag_retagged_to_another_build_is_refused_before_a
         stack.docker("stop", green)
         made = docker.inspect(green)
         assert made.image == moved and made.image_id == docker.image_id(V1.image)  # oracle
+        # status said "No problems found" of it: the way back is another build
+        seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+        found = [p for p in seen["problems"] if p["check"] == "previous_other_build"]
+        assert len(found) == 1, seen["problems"]
+        assert (f"holds commit {V1.tag}" in found[0]["problem"]
+                and f"records {V2.tag}: a rollback to {V2.tag} is refused" in found[0]["problem"]
+                and f"put commit {V2.git_commit}'s build back under {moved}" in found[0]["fix"]
+                ), found
         before = snapshot(env)
         for args in (("--dry-run",), ("--yes",)):
             run = runbook_cli(env, "rollback", *args)
