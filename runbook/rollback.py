@@ -612,16 +612,17 @@ def _refuse_another_build(env: Environment, state: states.DeploymentState,
                  if prep.action != "recreate" else f"{name}, which the recreate of {prep.slot}"
                  " would run,")
     if serving.exists and serving.image_id == build:
+        runs = serving.image or "an image it does not name"
         raise PreconditionError(
             f"the target would run the same build that serves: {container} holds build "
             f"{docker.short_id(build)}, the one {live}'s container {serving.name} runs as "
-            f"{from_version} ({serving.image}); rolling back to {target.version} would change "
-            "nothing users run; nothing was changed",
-            f"`runbook status {command_arg(env)}` names the build that serves (a tag "
-            "retagged or rebuilt, and a container recreated from it): if it is the one "
-            f"meant, nothing needs rolling back; otherwise put {target.version}'s build "
-            f"(commit {target.git_commit}) back under {name} and replace {config.container} "
-            "with it, or name another version with --to")
+            f"{from_version} ({runs}); rolling back to {target.version} would change nothing "
+            "users run; nothing was changed",
+            f"users already run that build (`runbook status {command_arg(env)}` compares it "
+            f"with the record: {runs} retagged or rebuilt, and {serving.name} made again from "
+            f"it); to serve {from_version}'s recorded build again, put it back under {runs} "
+            f"and deploy it ({compose.deploy_hint(env, from_version)}); to go further back, "
+            "name another version with --to")
     said = slots.build_commit(build, prep.container.labels
                               if prep.action != "recreate" else None)
     recorded = health.named_commit(target.git_commit)

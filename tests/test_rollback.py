@@ -1332,6 +1332,7 @@ def test_a_rollback_onto_the_build_that_serves_is_refused(
         said = run.stdout + run.stderr
         assert run.returncode == ExitCode.PRECONDITION, said
         assert "the target would run the same build that serves" in said, said
+        assert "users already run that build" in said and "--to" in said, said
         assert snapshot(env) == before
     finally:  # the next test's arrange makes blue again from the drill's own tag
         stack.docker("rm", "-f", blue, check=False)
