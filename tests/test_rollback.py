@@ -1436,9 +1436,15 @@ def test_a_failed_gate_names_the_older_deployment_only_where_the_schema_guard_le
         assert not after["lock"]
         return said
 
-    def guard_refuses_v1() -> bool:  # the oracle: the rollback to v1 itself, planned
-        planned = runbook_cli(env, "rollback", "--to", V1.tag, "--dry-run")
-        return planned.returncode == ExitCode.PRECONDITION and "schema" in planned.stderr
+    def guard_refuses_v1() -> bool:  # the oracle: the schema guard itself, asked of v1
+        st = states.read_state(env.state_file)
+        v1 = st.find_version(V1.tag)
+        assert st.current is not None and v1 is not None
+        try:
+            rollback.schema_guard(env, st.current, v1, rollback.Options())
+        except rollback.SchemaRefusal:
+            return True
+        return False
 
     def v1_recorded_at(schema: int | None) -> None:
         st = states.read_state(env.state_file)
