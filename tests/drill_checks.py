@@ -31,6 +31,7 @@ from runbook import docker, drain, faults
 from runbook.drill import http as drill_http
 from runbook.drill import images, scenes
 from runbook.drill.stack import DrillStack
+from runbook.drill.versions import VERSIONS
 from runbook.environment import Environment, Slot, from_mapping
 
 # --- reading back what runs --------------------------------------------------------------------
@@ -407,6 +408,24 @@ def go_cli_takes_and_releases_the_lock(state_file: Path) -> None:
     doc["lock"] = {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
                    "expires_at": "0001-01-01T00:00:00Z"}
     state_file.write_text(json.dumps(doc, indent=2))
+
+
+def v3_recorded_and_checked(env: Environment, served_on: int) -> None:
+    """v3, moved off, holds the schema it served on (the current's record none), and a
+    dry run of `rollback --to v3` finds the schema guard compatible from the file, never
+    "NOT checked", changing nothing."""
+    doc = json.loads(env.state_file.read_text())
+    v3 = doc["previous_deployment"]
+    assert (v3["version"], v3["status"]) == (VERSIONS["v3"].tag, "rolled_back"), v3
+    assert v3["migration_version"] == served_on, v3
+    assert "migration_version" not in doc["current_deployment"], doc["current_deployment"]
+    before = snapshot(env)
+    again = runbook_cli(env, "rollback", "--to", VERSIONS["v3"].tag, "--dry-run")
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said
+    assert "NOT checked" not in said and "--restore-snapshot" not in said, said
+    assert "compatible" in said and f"{served_on} (from the state file)" in said, said
+    assert snapshot(env) == before
 
 
 def closed_port() -> int:

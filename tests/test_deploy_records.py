@@ -37,7 +37,7 @@ from runbook.drill import scenes
 from runbook.drill.stack import DrillStack
 from runbook.drill.versions import VERSIONS
 from runbook.errors import ExitCode, RunbookError
-from tests.drill_checks import runbook_cli, snapshot, through_proxy
+from tests.drill_checks import runbook_cli, snapshot, through_proxy, v3_recorded_and_checked
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -482,15 +482,4 @@ def test_a_switch_records_the_schema_the_deployment_it_moves_users_off_served_on
     done = switch.switch(env, switch.Options(slot=envmod.Slot.GREEN))
     assert through_proxy(env) == ("green", V2.tag)
     assert state_detail(done.record_file)["previous schema"].startswith(said)
-    doc = json.loads(env.state_file.read_text())
-    v3 = doc["previous_deployment"]
-    assert (v3["version"], v3["status"]) == (V3.tag, "rolled_back"), v3
-    assert v3["migration_version"] == served_on, v3
-    assert "migration_version" not in doc["current_deployment"], doc["current_deployment"]
-    before = snapshot(env)
-    again = runbook_cli(env, "rollback", "--to", V3.tag, "--dry-run")
-    said = again.stdout + again.stderr
-    assert again.returncode == 0, said
-    assert "NOT checked" not in said and "--restore-snapshot" not in said, said
-    assert "compatible" in said and f"{served_on} (from the state file)" in said, said
-    assert snapshot(env) == before
+    v3_recorded_and_checked(env, served_on)

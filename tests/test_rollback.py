@@ -63,6 +63,7 @@ from tests.drill_checks import (
     snapshot,
     through_proxy,
     two_deployments,
+    v3_recorded_and_checked,
 )
 
 pytestmark = pytest.mark.docker
@@ -2053,18 +2054,7 @@ def test_a_rollback_records_the_schema_the_deployment_it_leaves_served_on(
     assert state_step.details["previous schema"].startswith(f"{served_on}, recorded for "
                                                             f"{V3.tag}"), state_step.details
     assert through_proxy(env) == ("green", V2.tag)
-    doc = json.loads(env.state_file.read_text())
-    v3 = doc["previous_deployment"]
-    assert (v3["version"], v3["status"]) == (V3.tag, "rolled_back"), v3
-    assert v3["migration_version"] == served_on, v3
-    assert "migration_version" not in doc["current_deployment"], doc["current_deployment"]
-    before = snapshot(env)
-    again = runbook_cli(env, "rollback", "--to", V3.tag, "--dry-run")
-    said = again.stdout + again.stderr
-    assert again.returncode == 0, said
-    assert "NOT checked" not in said and "--restore-snapshot" not in said, said
-    assert "compatible" in said and f"{served_on} (from the state file)" in said, said
-    assert snapshot(env) == before
+    v3_recorded_and_checked(env, served_on)
 
 
 def test_a_url_libpq_cannot_read_is_a_schema_that_cannot_be_read_and_force_goes_past_it(
