@@ -593,7 +593,7 @@ def _build_to_run(prep: slots.Preparation) -> tuple[str | None, str]:
 def _refuse_another_build(env: Environment, state: states.DeploymentState,
                           target: states.Deployment, prep: slots.Preparation,
                           serving: docker.ContainerInfo, live: Slot, from_version: str,
-                          guard: Guard) -> None:
+                          guard: Guard) -> list[str]:
     """Refuse, before anything changes (exit 4), a target slot that would run (a start, a
     recreate, or kept running) a build whose `org.opencontainers.image.revision` label names
     another commit than the state file records for the target, or the very build that
@@ -602,10 +602,11 @@ def _refuse_another_build(env: Environment, state: states.DeploymentState,
     compatible", and the gate failed 30 s later; with the serving tag retagged and its
     container recreated from it, the plan rolled back onto the build users already ran.
     Neither the tag nor a container's name tells the build; its label and image id do. No
-    label (or `unknown`): as before, the gate compares what the slot answers."""
+    label (or `unknown`), or one the serving build shares (slots.label_shared: the plan's
+    warning returned): as before, the gate compares what the slot answers."""
     build, name = _build_to_run(prep)
     if build is None:
-        return
+        return []
     config = env.slot(prep.slot)
     container = (f"slot {prep.slot}'s {prep.container.status} container "
                  f"{prep.container.name} (made from {name})"
@@ -627,7 +628,9 @@ def _refuse_another_build(env: Environment, state: states.DeploymentState,
                               if prep.action != "recreate" else None)
     recorded = health.named_commit(target.git_commit)
     if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
-        return
+        return []
+    if slots.label_shared(serving, build, said, state):
+        return [slots.shared_label_said(said)]
     cut = 7 if said[:7] != recorded[:7] else None  # never two alike
     holds = [d for d in state.deployments() if health.commits_differ(d.git_commit, said) is False]
     meant = max(holds, key=lambda d: d.deployed_at) if holds else None
@@ -825,7 +828,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         except PreconditionError as exc:
             # a refusal whose fix makes the slot from the tag (a `docker run` host): said
             # when that tag holds another commit now, or following it fails the rollback
-            moved = slots.tag_holds_another(wanted, target.git_commit)
+            moved = slots.tag_holds_another(wanted, target.git_commit,
+                                            (containers[live].result(), state))
             if moved is not None and exc.fix and wanted in exc.fix:
                 exc.fix = (f"{wanted} no longer holds {target.version}'s build ({moved}): "
                            f"put commit {target.git_commit}'s build back under it first "
@@ -866,8 +870,8 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
             raise down_after_interrupted(env, found[0], live, exc) from None
         warnings += guard.warnings
         # the build the target slot would run: its label's commit, and not the serving one
-        _refuse_another_build(env, state, target, prep, containers[live].result(), live,
-                              from_version, guard)
+        warnings += _refuse_another_build(env, state, target, prep,
+                                          containers[live].result(), live, from_version, guard)
         if from_version != current.version:
             guard.details["schema judged from"] = (
                 f"{from_version}, which serves (the state file's current is {current.version})"

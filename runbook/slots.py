@@ -860,11 +860,45 @@ def build_commit(image: str, labels: dict[str, str] | None = None) -> str | None
     return health.named_commit(found.get(docker.REVISION_LABEL))
 
 
-def tag_holds_another(image: str, recorded: str) -> str | None:
+def label_shared(serving: docker.ContainerInfo | None, build: str | None, said: str,
+                 state: states.DeploymentState) -> bool:
+    """Whether the serving container runs another build than `build` whose revision label
+    names the same commit `said`, one no deployment in the state file records: a label two
+    builds share that names none of them (one a base image sets and the app's Dockerfile
+    does not override) cannot tell them apart, so it is read as neither build's commit, as
+    for a build with no label. Found by review: such a label refused every rollback as
+    "another build than the recorded one", with no way past but a rebuild. A recorded
+    commit is the app's (a rebuild of the serving commit under the target's tag is still
+    refused), and the gate compares the commit the target answers with the record."""
+    if serving is None or not serving.exists or serving.image_id is None \
+            or serving.image_id == build \
+            or any(health.commits_differ(d.git_commit, said) is False
+                   for d in state.deployments()):
+        return False
+    try:
+        theirs = build_commit(serving.image_id, serving.labels)
+    except RunbookError:
+        return False
+    return theirs is not None and health.commits_differ(theirs, said) is False
+
+
+def shared_label_said(said: str) -> str:
+    """The plan's warning when label_shared set a label aside."""
+    return (f"the {docker.REVISION_LABEL} label of the target's build names commit {said[:12]}, "
+            "as the serving build's does: not read as either build's commit (a label both "
+            "builds share, e.g. a base image's); the health gate compares the commit the "
+            "target answers with the record")
+
+
+def tag_holds_another(image: str, recorded: str,
+                      shares: tuple[docker.ContainerInfo | None, states.DeploymentState]
+                      | None = None) -> str | None:
     """What `image` (a deployment's tag) holds when its build's revision label names another
     commit than `recorded` (the state file's git_commit; retagged or rebuilt since), said in
-    a fix that would make a slot from it; None when they agree, either names none, or the
-    image cannot be read. Found by review: status offered recreating the previous slot from
+    a fix that would make a slot from it; None when they agree, either names none, the
+    image cannot be read, or the serving build shares that label (`shares`: the serving
+    container and the state, label_shared).
+    Found by review: status offered recreating the previous slot from
     a tag moved to v1's build as the way back, and the rollback then failed its gate."""
     try:
         said = build_commit(image)
@@ -873,6 +907,12 @@ def tag_holds_another(image: str, recorded: str) -> str | None:
     commit = health.named_commit(recorded)
     if said is None or commit is None or health.commits_differ(commit, said) is not True:
         return None
+    try:
+        if shares is not None and label_shared(shares[0], docker.image_id(image), said,
+                                               shares[1]):
+            return None
+    except RunbookError:
+        pass  # the serving build unread: the label stands, as without one
     cut = 7 if said[:7] != commit[:7] else None  # never two alike
     return (f"its build's {docker.REVISION_LABEL} label names commit {said[:cut]}, the state "
             f"file records {commit[:cut]}")

@@ -965,7 +965,8 @@ def previous_absent(f: Facts) -> Iterator[Problem]:
     recreate = (f"recreate {slot} ({config.container}) with {image} on port {config.port} the "
                 f"way this host makes its slots (its `docker run` command), never "
                 f"{slot.other}{serves}; then `{back}` goes back to it")
-    moved = slots.tag_holds_another(image, prev.git_commit)
+    moved = slots.tag_holds_another(image, prev.git_commit,
+                                    (f.containers.get(slot.other), state))
     if moved is not None:  # recreated from it, the rollback is refused (found by review)
         recreate = (f"{image} no longer holds {prev.version}'s build: {moved}, so a container "
                     f"made from it is not the way back; put commit {prev.git_commit}'s build "
@@ -988,7 +989,7 @@ def previous_other_build(f: Facts) -> Iterator[Problem]:
     rollback failed its gate. No label naming a commit: no problem (nothing contradicts)."""
     state, active = f.state, f.active
     prev = state.previous if state is not None else None
-    if prev is None or active is None or prev.active_slot != active.other:
+    if state is None or prev is None or active is None or prev.active_slot != active.other:
         return
     if (f.lock is not None and not f.lock.stale) or (
             f.intent is not None and active.other in (f.intent.source, f.intent.target)):
@@ -1002,7 +1003,8 @@ def previous_other_build(f: Facts) -> Iterator[Problem]:
     except RunbookError:
         return
     recorded = health.named_commit(prev.git_commit)
-    if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
+    if said is None or recorded is None or health.commits_differ(recorded, said) is not True \
+            or slots.label_shared(f.containers.get(active), info.image_id, said, state):
         return
     from runbook import compose
 

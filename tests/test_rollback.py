@@ -1170,6 +1170,58 @@ def test_a_recreate_from_a_rebuilt_tag_is_refused_at_its_gate_when_the_commit_di
 
 
 @pytest.mark.shape_specific
+def test_a_revision_label_every_build_inherits_never_refuses_the_rollback(
+        stack: DrillStack) -> None:
+    """Found by review: a host whose Dockerfile sets no revision label of its own, each build
+    inheriting its base image's (one commit of the base image's repository, on every build).
+    Every rollback was refused before any change ("holds commit <base>, but the state file
+    records ..."), and status called the kept standby another build: on-call had no way back
+    but a rebuild. A label the serving build shares, naming no recorded deployment, is read
+    as no label: the plan says so, the gate compares the commit /health names, and the
+    rollback serves the previous deployment."""
+    if docker_run_host(stack):
+        pytest.skip("the deploys below recreate through compose; a docker-run host has none")
+    import secrets
+
+    stack.reset()  # v1 on blue, serving
+    env = stack.env
+    base = secrets.token_hex(20)  # the base image's commit: no deployment records it
+    older, newer = secrets.token_hex(4)[:7], secrets.token_hex(4)[:7]
+    builds = [rebuilt_as(stack, older, V2.image, revision=base),
+              rebuilt_as(stack, newer, V3.image, revision=base)]
+    try:
+        deploy.deploy(env, deploy.Options(version=older))  # green
+        deploy.deploy(env, deploy.Options(version=newer))  # blue serves; green stopped
+        state = states.read_state(env.state_file)
+        assert state.previous is not None and state.current is not None
+        if stack.has("minimal-health"):  # /health names no commit: the deploy records the label
+            assert state.previous.git_commit == base, state.previous
+        else:
+            assert (state.previous.git_commit, state.current.git_commit) == (
+                V2.git_commit, V3.git_commit), state
+        for image in builds:  # both builds name the base's commit, as docker inspect says
+            shown = subprocess.run(["docker", "image", "inspect", "-f",
+                                    "{{index .Config.Labels \"" + docker.REVISION_LABEL + "\"}}",
+                                    image], capture_output=True, text=True, check=True)
+            assert shown.stdout.strip() == base, shown
+        seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+        assert not [p for p in seen["problems"] if p["check"] == "previous_other_build"], seen
+        planned = runbook_cli(env, "rollback", "--dry-run")
+        assert planned.returncode == 0, planned.stdout + planned.stderr
+        if not stack.has("minimal-health"):  # there the records name the label's commit
+            assert f"names commit {base[:12]}, as the serving build's does" in planned.stdout, \
+                planned.stdout
+        run = runbook_cli(env, "rollback", "--yes")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert through_proxy(env) == ("green", older)
+    finally:
+        stack.reset()  # both slots back on the base version's build
+        for tag in (older, newer):
+            stack.docker("rmi", "-f", "--no-prune", f"{env.compose.image_repository}:{tag}",
+                         check=False)
+
+
+@pytest.mark.shape_specific
 def test_status_says_the_serving_slot_runs_another_commit_than_the_state_file_records(
         stack: DrillStack) -> None:
     """Found by review: a slot serving another commit than its deployment's record (its tag
