@@ -63,6 +63,12 @@ def stop(env: Environment, slot: Slot, *, maintenance: bool = False,
         if after_switch and running_config.unresolved:  # it may still serve that site
             return (f"{traffic.unresolved_site(env, running_config)} (fix: "
                     f"{traffic.UNRESOLVED_FIX})")
+        if after_switch and slot in running_config.pinned:
+            # that site still sends its users here: stopped, it answered them 502 while the
+            # run said "Done" and status "No problems found" (found by review)
+            return (f"{traffic.pinned_by(env, running_config, slot)}; stopped, it would "
+                    f"answer that site 502, so its users still reach this build: "
+                    f"{traffic.pinned_left_fix(env, slot, container)}")
         # Caddy's old config may still hand it requests after the switch: let them finish
         # (runbook/drain.py); a side it cannot observe is waited for, not assumed done.
         if running is None:
@@ -1589,7 +1595,8 @@ def stop_step(env: Environment, slot: Slot, enabled: bool, *, gated: bool = True
                 "drain": drain_plan(env, slot),
                 "left running": "instead, when the drain ends with connections still open "
                                 "and Caddy takes cleartext HTTP/2 (h2c) on the site's port: "
-                                "those never move to the new config (said at the end)",
+                                "those never move to the new config (said at the end); or "
+                                "while a site outside the slot markers still dials its port",
                 "command": action.as_planned()})
     title = f"Stop the old {slot} container (kept, not removed)"
     # not when the slot is down by this step (`down`): nothing is left to keep or delete

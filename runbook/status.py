@@ -1030,6 +1030,32 @@ def upstream_unresolved(f: Facts) -> Iterator[Problem]:
                       traffic.UNRESOLVED_FIX)
 
 
+def pinned_slot_down(f: Facts) -> Iterator[Problem]:
+    """A slot a site outside the slot markers proxies to, whose container is down: that site
+    answers 502 (found by review: after a rollback stopped such a slot, "No problems
+    found"). The serving slot down is serving_stopped's; a per-request upstream is
+    upstream_unresolved's."""
+    found = f.traffic
+    if found is None or found.unresolved:
+        return
+    for slot in sorted(found.pinned - found.slots):
+        info = f.containers.get(slot)
+        if info is None or info.up:
+            continue
+        container = f.env.slot(slot).container
+        state = (f"is {'stopped' if info.status == 'exited' else info.status}" if info.exists
+                 else "does not exist")
+        serving = (f" (or at {f.active}'s port {f.env.slot(f.active).port}, which serves)"
+                   if f.active is not None and f.active != slot else "")
+        yield Problem(f"{traffic.pinned_by(f.env, found, slot)}, but {container} {state}: "
+                      "that site's requests get errors (502)",
+                      f"point that site's reverse_proxy between the slot markers (it then "
+                      f"follows every switch){serving} and reload Caddy; or, if it must reach "
+                      f"{slot}'s build, `docker start {container}`" if info.exists else
+                      f"point that site's reverse_proxy between the slot markers (it then "
+                      f"follows every switch){serving} and reload Caddy")
+
+
 def held_for_h2c(f: Facts) -> Iterator[Problem]:
     """A slot a run left running for connections Caddy's previous config still held over h2c:
     stopping it is on-call's call (when they have closed), and no deploy recreates it.
@@ -1843,7 +1869,7 @@ CHECKS: list[Check] = [
     interrupted_run, database_unreachable, no_current_deployment, state_disagrees_with_caddy,
     active_unhealthy, image_differs, commit_differs, stale_lock, live_lock, held_for_h2c,
     standby_running, previous_absent, previous_other_build, standby_absent,
-    upstream_unresolved,
+    upstream_unresolved, pinned_slot_down,
     upstream_misses_standby, compose_leftovers, disk_space,
 ]
 

@@ -1278,6 +1278,14 @@ def refuse_recreate_if_pinned(env: Environment, slot: Slot) -> None:
         UNRESOLVED_FIX if found.unresolved else _PINNED_FIX)
 
 
+def pinned_left_fix(env: Environment, slot: Slot, container: str) -> str:
+    """What to do about an old slot left running for a site outside the slot markers."""
+    other = env.slot(slot.other)
+    return (f"point that site's reverse_proxy at {slot.other}'s port {other.port} (or "
+            "move it between the slot markers, so it follows every switch), reload Caddy, "
+            f"then `docker stop {container}`")
+
+
 _PINNED_FIX = ("point that site's reverse_proxy at another upstream (or move it between the "
                "slot markers, so it follows the switch), reload Caddy, then run again")
 
@@ -1323,10 +1331,10 @@ def live_slot(env: Environment, recorded: Slot | None) -> tuple[Slot, list[str]]
         named = sum(1 for u in inspection.upstreams if u.port == port)
         if env.stop_old_slot and dict(found.dialed).get(port, 0) > named \
                 and found.slot in (found.pinned or _pinned(env)):
-            warnings.append(f"another site outside the slot markers proxies to {found.slot}'s "
-                            f"port {port}: stopping the old {found.slot} slot after the switch "
-                            "cuts that site too ([rollback] stop_old_slot = false keeps it "
-                            "running)")
+            warnings.append(f"another site (or route) outside the slot markers proxies to "
+                            f"{found.slot}'s port {port}: the switch does not move it, so the "
+                            f"old {found.slot} slot is left running after the switch, not "
+                            "stopped, and that site's users still reach its build")
         if env.stop_old_slot and found.unresolved:
             warnings.append(f"{unresolved_site(env, found)}: the old slot is left running "
                             "after the switch, not stopped")

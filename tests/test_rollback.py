@@ -4402,9 +4402,14 @@ def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slo
     which a switch never touches). Caddy then dials both slots' ports once green serves; the
     managed block's dials are told from that site's by Caddy's own adapter, so both rollbacks
     go through (before: the first refused to stop blue after its commit, exit 6, and the
-    second could not tell which slot serves), each saying what stopping blue cuts."""
+    second could not tell which slot serves). The old blue slot that site still proxies to
+    is left running, said in the plan and the run (found by review: the rollback stopped it,
+    that site answered 502 after "Done", and status said "No problems found"); stopped by
+    hand, status names that site's 502. The oracle is the other site's own answer."""
     env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
     pinned = pin_other_site(env, f"localhost:{env.slot(Slot.BLUE).port}")
+    blue = env.slot(Slot.BLUE).container
+    assert other_site_answer(stack) == (200, V3.tag)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         assert env.source is not None
@@ -4412,13 +4417,29 @@ def test_a_site_outside_the_markers_that_proxies_to_a_slot_never_hides_which_slo
                               capture_output=True, text=True, check=False, timeout=180,
                               stdin=subprocess.DEVNULL)
 
+    planned = cli("rollback", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    said = ("another site (or route) outside the slot markers proxies to blue's port "
+            f"{env.slot(Slot.BLUE).port}: the switch does not move it, so the old blue slot is "
+            "left running")
+    assert said in planned.stdout, planned.stdout
     away = cli("rollback", "--yes")
     assert away.returncode == 0, away.stderr
-    assert ("another site outside the slot markers proxies to blue's port "
-            f"{env.slot(Slot.BLUE).port}: stopping the old blue slot") in away.stderr
+    assert said in away.stderr, away.stderr
+    assert "the old blue container is left running: a site outside the slot markers" \
+        in away.stderr, away.stderr
     assert through_proxy(env) == ("green", V2.tag)
+    assert docker.inspect(blue).running
+    assert other_site_answer(stack) == (200, V3.tag)  # that site still served, never 502
     status = json.loads(cli("status", "--format", "json").stdout)
     assert status["traffic"]["slot"] == "green", status["traffic"]
+    assert not [p for p in status["problems"] if p["check"] == "pinned_slot_down"], status
+    stack.docker("stop", blue)  # on-call stops it by hand: that site answers 502
+    assert other_site_answer(stack)[0] == 502
+    status = json.loads(cli("status", "--format", "json").stdout)
+    down = [p for p in status["problems"] if p["check"] == "pinned_slot_down"]
+    assert len(down) == 1 and f"localhost:{env.slot(Slot.BLUE).port}" in down[0]["problem"] \
+        and f"{blue} is stopped" in down[0]["problem"], status["problems"]
     back = cli("rollback", "--to", V3.tag, "--yes")  # back on purpose (never unnamed)
     assert back.returncode == 0, back.stderr
     assert "another site outside the slot markers" not in back.stderr  # green stops: not pinned
