@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -105,10 +106,14 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
     # was listed as ours)
     here = snapshots.server_or_none(environment)  # one `docker inspect`, not one a file
     theirs = {s.path: snapshots.whose(environment, s, here) for s in snaps}
+    # a dump this user may not read (root's 0600 pre-deploy dump): said, so on-call runs the
+    # restore as one who may rather than picking an older one (found by review)
+    unreadable = {s.path for s in snaps if _unreadable(s.path)}
     if fmt is Format.json:
         echo(json.dumps([s.to_json(retention) | {"ours": theirs[s.path] is None,
-                                                 "not_ours": theirs[s.path]} for s in snaps],
-                        indent=2))
+                                                 "not_ours": theirs[s.path],
+                                                 "readable": s.path not in unreadable}
+                         for s in snaps], indent=2))
         return
     if not snaps:
         echo(f"No snapshots in {environment.database.snapshot_dir}.")
@@ -123,7 +128,8 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
         taken = d["timestamp"] + (" dated in the future" if d["dated_in_future"] else "")
         lines.append((s.name, taken, schema + (" dirty" if s.dirty else "")
                       + (" !" if s.problems or s.meta is None else "")
-                      + (" ~" if theirs[s.path] is not None else ""),
+                      + (" ~" if theirs[s.path] is not None else "")
+                      + (" x" if s.path in unreadable else ""),
                       f"{d['size_mb']:.3f}", d["expires_at"], s.deployment_id or "-"))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     for row in [header, *lines]:
@@ -132,10 +138,30 @@ def list_(env: EnvArg, fmt: FormatOpt = Format.text, config: ConfigOpt = None) -
     if any(why is not None for why in theirs.values()):
         echo(f"~ = not {environment.name}'s (another database, environment or server): never "
              "restored, a schema witness or cleaned up by this environment")
+    if unreadable:
+        echo(f"x = {_me()} may not read it: restore it as a user who may (`sudo runbook "
+             "...`), not an older one")
     if ahead:
         echo("Dated in the future: taken while the clock ran fast (set back since), so which "
              "snapshot is the newest cannot be told; a restore without a name refuses it: "
              "name the one to restore")
+
+
+def _unreadable(path: Path) -> bool:
+    """Whether this user may not read the dump (it exists: a missing one is `!`)."""
+    try:
+        return path.exists() and not os.access(path, os.R_OK)
+    except OSError:
+        return False
+
+
+def _me() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 @snapshot_app.command("restore")

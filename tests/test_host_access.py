@@ -30,7 +30,7 @@ from runbook import environment as envmod
 from runbook import kept_state as kept
 from runbook.drill.stack import DrillStack
 from runbook.environment import Environment
-from tests.drill_checks import runbook_cli, snapshot, two_deployments
+from tests.drill_checks import migrated, runbook_cli, snapshot, two_deployments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,14 +109,16 @@ def _exists_group(name: str) -> bool:
     return True
 
 
-def as_user(users: Users, env: Environment, *args: str) -> subprocess.CompletedProcess[str]:
-    """The runbook command as `oncall` types it (env source last, as runbook_cli)."""
+def as_user(users: Users, env: Environment, *args: str,
+            after: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """The runbook command as `oncall` types it (env source last, as runbook_cli, but for
+    `after`: what follows it, a SNAPSHOT)."""
     assert env.source is not None
     path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
     environ.update(PYTHONPATH=path, HOME="/tmp", PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(["runuser", "-u", users.oncall, "--", *users.python, "-m",
-                           "runbook.cli", *args, str(env.source)],
+                           "runbook.cli", *args, str(env.source), *after],
                           capture_output=True, text=True, timeout=180, env=environ,
                           stdin=subprocess.DEVNULL, check=False, cwd="/tmp")
 
@@ -841,3 +843,47 @@ def test_root_refused_in_a_user_namespace_is_told_it_may_not_write_not_of_an_att
     assert "root may not write" in dry.stderr, dry.stderr
     assert "immutable" not in dry.stderr and "chattr" not in dry.stderr, dry.stderr
     assert snapshot(env) == before
+
+
+@needs_root_and_useradd
+def test_a_snapshot_the_operator_may_not_read_is_refused_as_access_never_as_a_bad_file(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: root's deploy wrote the newest pre-deploy dump root 0600 in the
+    group's snapshot folder; as on-call, `rollback --restore-snapshot --dry-run` and `snapshot
+    restore --dry-run` exited 2 "cannot be read (Permission denied) ... pick another one":
+    an older dump, every write since lost. The file is fine: exit 4, nothing changed, whose
+    it is and the fix (run as a user who may read it), never another snapshot; the listing
+    marks it. The premise: root restores it (its dry run passes)."""
+    env = migrated(scene_stack)
+    snaps = sorted(env.database.snapshot_dir.glob("*.sql.gz"))
+    assert snaps, "the scene's pre-deploy snapshot"
+    newest = max(snaps, key=lambda p: p.name)
+    assert runbook_cli(env, "rollback", "--restore-snapshot", "--dry-run").returncode == 0
+    with shared_with_group(scene_stack, users):
+        os.chown(newest, 0, 0)
+        os.chmod(newest, 0o600)  # as root's deploy writes it
+        before = snapshot(env)
+        listed = _listing(env.database.snapshot_dir)
+        for argv, after in ((["rollback", "--restore-snapshot", "--dry-run"], ()),
+                            # the default pick (the newest), then named
+                            (["snapshot", "restore", "--dry-run"], ()),
+                            (["snapshot", "restore", "--dry-run"], (newest.name,))):
+            done = as_user(users, env, *argv, after=after)
+            said = done.stderr
+            assert done.returncode == 4, (argv, done.returncode, done.stdout, said)
+            assert len(said.splitlines()) == 1, (argv, said)
+            assert (f"snapshot {newest.name} belongs to root mode 600 and {users.oncall} "
+                    "may not read it; nothing was changed") in said, (argv, said)
+            assert "run the same command as a user who may read it (`sudo runbook" in said, \
+                (argv, said)
+            assert "pick another" not in said, (argv, said)
+        assert snapshot(env) == before
+        assert _listing(env.database.snapshot_dir) == listed
+        shown = as_user(users, env, "snapshot", "list")
+        assert shown.returncode == 0, (shown.stdout, shown.stderr)
+        row = next(line for line in shown.stdout.splitlines() if line.startswith(newest.name))
+        assert " x " in row, shown.stdout
+        assert f"x = {users.oncall} may not read it" in shown.stdout, shown.stdout
+        as_json = json.loads(as_user(users, env, "snapshot", "list", "--format",
+                                     "json").stdout)
+        assert [s["readable"] for s in as_json if s["name"] == newest.name] == [False]

@@ -18,6 +18,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import pwd
 import re
 import shlex
 import threading
@@ -233,6 +234,29 @@ def _bad_file(snap: Snapshot, problem: str) -> SnapshotError:
                          "inspection")
 
 
+def not_readable_by_user(snap: Snapshot) -> SnapshotError:
+    """The refusal of a snapshot this user may not read (exit 4: an access precondition,
+    not a bad file): run as one who may; never another snapshot for that reason."""
+    try:
+        st = snap.path.stat()
+        whose = f"belongs to {_user_name(st.st_uid)} mode {st.st_mode & 0o7777:o}"
+        sudo = "sudo" if st.st_uid == 0 else f"sudo -u {_user_name(st.st_uid)}"
+    except OSError:  # its folder this user may not search
+        whose, sudo = "cannot be looked at", "sudo"
+    return SnapshotError(f"snapshot {snap.name} {whose} and {_user_name(os.geteuid())} may "
+                         "not read it; nothing was changed",
+                         f"run the same command as a user who may read it (`{sudo} runbook "
+                         "...`); the file is fine: an older snapshot loses the writes since",
+                         exit_code=ExitCode.PRECONDITION)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def identify(env: Environment, snap: Snapshot) -> Target:
     """Refuse a file that is missing, has a bad sidecar, or is of another database or
     environment, from its name and sidecar alone (no dump read, no Docker asked): what a
@@ -310,6 +334,10 @@ def _reading(snap: Snapshot) -> Iterator[None]:
         raise _bad_file(snap, "is truncated (the gzip stream ends early)") from None
     except (gzip.BadGzipFile, zlib.error) as exc:
         raise _bad_file(snap, f"is corrupt ({exc})") from None
+    except PermissionError:
+        # the file is fine: another user's (root's 0600 pre-deploy dump). "Pick another
+        # one" sent on-call to an older dump, every write since lost (found by review)
+        raise not_readable_by_user(snap) from None
     except OSError as exc:
         raise _bad_file(snap, f"cannot be read ({exc.strerror or exc})") from None
 
