@@ -887,3 +887,45 @@ def test_a_snapshot_the_operator_may_not_read_is_refused_as_access_never_as_a_ba
         as_json = json.loads(as_user(users, env, "snapshot", "list", "--format",
                                      "json").stdout)
         assert [s["readable"] for s in as_json if s["name"] == newest.name] == [False]
+
+
+@needs_root_and_useradd
+def test_another_users_stale_lock_in_a_sticky_folder_fails_the_dry_run_as_the_real_run(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: the deploy user's crashed run left its lock directory (0755, an old
+    locked_at) in the sticky lock folder. As on-call, `rollback --dry-run` exited 0 ("would be
+    taken over (expired 37 min ago)") and `rollback --yes` exited 3 (only its owner or root
+    may remove it); status offered `runbook unlock`, refused the same way. The dry run and
+    status judge it as the take-over does, in its words. The premise: root takes it over."""
+    env = two_deployments(scene_stack)
+    with shared_with_group(scene_stack, users):
+        mode = env.lock_dir.stat().st_mode & 0o7777
+        os.chmod(env.lock_dir, 0o1777)
+        env.lock_path.mkdir(mode=0o755)
+        (env.lock_path / "locked_at").write_text(
+            f"{int(time.time() - env.lock_stale_after - 600)}\n")
+        for made in (env.lock_path, env.lock_path / "locked_at"):
+            os.chown(made, users.owner_uid, users.gid)
+        try:
+            before = snapshot(env)
+            dry = as_user(users, env, "rollback", "--dry-run")
+            real = as_user(users, env, "rollback", "--yes")
+            status = as_user(users, env, "status")
+            assert snapshot(env) == before
+            assert real.returncode == 3, (real.returncode, real.stdout, real.stderr)
+            assert dry.returncode == 3, (dry.returncode, dry.stdout, dry.stderr)
+            said = dry.stderr.splitlines()[0]
+            assert said == real.stderr.splitlines()[0], (dry.stderr, real.stderr)
+            assert (f"belongs to {users.owner} (uid {users.owner_uid}) and {env.lock_dir} is "
+                    "sticky") in said, said
+            assert f"sudo rm -r {env.lock_path}" in said, said
+            assert "would be taken over" not in dry.stdout, dry.stdout
+            assert f"sudo rm -r {env.lock_path}" in status.stdout, status.stdout
+            assert "runbook unlock" not in status.stdout, status.stdout
+            # root may: its dry run takes it over
+            root = runbook_cli(env, "rollback", "--dry-run")
+            assert root.returncode == 0 and "would be taken over" in root.stdout, (
+                root.stdout, root.stderr)
+        finally:
+            shutil.rmtree(env.lock_path, ignore_errors=True)
+            os.chmod(env.lock_dir, mode)

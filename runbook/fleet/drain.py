@@ -134,11 +134,14 @@ def plan(env: Environment) -> Plan:
     from runbook.plan import Phase, Plan, Step
 
     held = locks.status(env)
+    # judged as taking it judges it (another user's stale lock in a sticky folder: refused)
+    refused = locks.refusal(env) if held is not None else None
     steps = [Step("lock", "Take the deploy lock (released when the drain ends: the restore and "
                   "the rollback that follow take it)",
                   {"path": str(env.lock_path),
                    "now": "free" if held is None else held.describe()
-                   + (": would be taken over" if held.stealable else ": refused, exit 3")},
+                   + (": would be taken over" if refused is None
+                      else f": refused, exit {int(refused.exit_code)}")},
                   phase=Phase.PREFLIGHT)]
     for slot in env.slots:
         name = env.slot(slot).container

@@ -427,9 +427,20 @@ def refusing_holder(env: Environment) -> LockStatus | None:
 
 def refusal(env: Environment) -> RunbookError | None:
     """The error `acquire` would raise now (refusing_holder's judgement, worded as the real
-    run's), or None when it would take the lock: a dry run raises it, as its run would."""
+    run's), or None when it would take the lock: a dry run raises it, as its run would. A
+    stale directory this user may not remove (another user's, in a sticky folder) is refused
+    as the take-over's rename is: the dry run said "would be taken over" where the real run
+    exited 3 (found by review; a fleet's pre-flight trusts the dry run)."""
     holder = refusing_holder(env)
-    return _locked_error(env, holder) if holder is not None else None
+    if holder is not None:
+        return _locked_error(env, holder)
+    current = _inspect(env)
+    if current is None:
+        return None
+    if not current.stealable:  # as _acquire words it
+        current = dataclasses.replace(current, why=(
+            "a run killed while taking it left only its half-written holder file"))
+    return _not_ours_to_remove(env, current.path, _beside(env, current)[0])
 
 
 def _acquire(env: Environment, reason: str, run_id: str | None) -> Lock:
@@ -827,10 +838,12 @@ def _not_ours_to_remove(env: Environment, path: Path,
     the environment file", which names neither who owns it nor the way out."""
     try:
         owner = os.lstat(path).st_uid
-        sticky = bool(os.stat(path.parent).st_mode & stat.S_ISVTX)
+        folder = os.stat(path.parent)
     except OSError:
         return None
-    if not sticky or owner == os.geteuid():
+    # in a sticky folder the file's owner, the folder's and root may rename it (CAP_FOWNER;
+    # a root run never gets here): judged so before any rename too (refusal, unlock's check)
+    if not folder.st_mode & stat.S_ISVTX or os.geteuid() in (0, owner, folder.st_uid):
         return None
     who = files.owner_name(owner)
     return LockNotRemovable(
@@ -1007,6 +1020,17 @@ def _mirror(env: Environment, lock: Mapping[str, Any], *,
 
 
 def _check_removable(env: Environment, current: LockStatus, force: bool) -> None:
+    """Refuse what `unlock` may not remove: by the lock's policy, then a directory this user
+    may not rename away (another user's, in a sticky folder: status offered `runbook unlock`
+    for it, which the rename then refused; found by review)."""
+    _check_policy(env, current, force)
+    if current.source == "directory" and not current.is_ours:
+        refused = _not_ours_to_remove(env, current.path, current)
+        if refused is not None:
+            raise refused
+
+
+def _check_policy(env: Environment, current: LockStatus, force: bool) -> None:
     if current.is_ours or current.stealable:
         return
     if force and current.stale and (current.holder_alive is not True
