@@ -318,6 +318,48 @@ def test_an_admin_api_moved_off_admin_url_is_given_back_as_printed(
     _clean(stack, env)
 
 
+def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_slot(
+        stack: DrillStack, admin_host: Environment) -> None:
+    """Found by review (HIGH): blue serves, green's container is stopped, the Caddyfile's
+    managed block was edited to green and never loaded, and Caddy's admin API was moved off
+    admin_url. Status's fix said "write the admin line and load it": followed, the load took
+    the block too and moved every user to the stopped green (502 until a switch back). Now
+    the fix says the block names green while blue serves and gives the lines that put it
+    back first; followed as printed (those lines, the admin line, the reload as typed), blue
+    still serves. Oracle: the proxy's answer and Caddy's admin API."""
+    env = admin_host
+    admin = f"127.0.0.1:{stack.ports.admin}"
+    where = f"127.0.0.1:{closed_port()}"
+    text = caddy.read(env)
+    moved = text.replace(f"admin {admin}", f"admin {where}")
+    _load_caddyfile(env, moved)  # blue's block, the admin API elsewhere: what runs
+    green = env.slot(Slot.GREEN)
+    stack.docker("stop", green.container)
+    on_disk = caddy.rewrite(moved, env, Slot.GREEN)  # edited to green, never loaded
+    env.caddy.caddyfile.write_text(on_disk)
+    assert through_proxy(env)[0] == "blue"
+    problems = _fixes(stack, env)
+    [said] = [p for p in problems if "admin API does not answer" in p["problem"]]
+    [load] = _typed(said["fix"], shlex.join(env.caddy.command))
+    assert load[-2:] == ["--address", where], load
+    # as printed: each line the fix gives (kept where it stands), the admin line, the load
+    lines = on_disk.split("\n")
+    for number, written in re.findall(r"line (\d+): `([^`]*)`", said["fix"]):
+        old = lines[int(number) - 1]
+        lines[int(number) - 1] = old[:len(old) - len(old.lstrip())] + written
+    env.caddy.caddyfile.write_text(
+        "\n".join(lines).replace(f"admin {where}", f"admin {admin}"))
+    done = subprocess.run(load, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).status_code == 200
+    answer = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5,
+                            headers={"Connection": "close"})
+    assert (answer.status_code, answer.headers.get("X-Togather-Slot")) == (200, "blue"), \
+        said["fix"]
+    assert "names green while blue serves" in said["fix"], said
+    assert said["fix"].index("line ") < said["fix"].index(f"`admin {admin}`"), said
+
+
 def test_a_stopped_caddy_on_a_non_default_admin_address_is_started_as_printed(
         stack: DrillStack, admin_host: Environment) -> None:
     """Caddy's container stopped: every fix names starting it and asking admin_url (never

@@ -818,20 +818,60 @@ def admin_unanswered(env: Environment, reason: str) -> Unreloadable | None:
     from runbook import bounded_http
 
     c = env.caddy
+    serving: Slot | None = None
     try:
-        bounded_http.request("GET", f"{c.proxy_url}{c.verify_path}", timeout=VERIFY_TIMEOUT,
-                             site=c.site, ca_file=_ca_file(env))
+        answer = bounded_http.request("GET", f"{c.proxy_url}{c.verify_path}",
+                                      timeout=VERIFY_TIMEOUT, site=c.site,
+                                      ca_file=_ca_file(env))
     except bounded_http.HttpFailure as exc:
         if not exc.untrusted:  # a certificate that does not verify: something serves TLS
             return None
+    else:
+        header = answer.header(SLOT_HEADER)
+        serving = Slot(header) if header in {s.value for s in Slot} else None
     return Unreloadable(
         f"Caddy serves at {c.proxy_url} but its admin API does not answer at {c.admin_url} "
         f"({reason}: admin off, another address or a unix socket, which the runbook cannot "
-        f"use: see the `admin` global option in {c.caddyfile})", admin_back_fix(env),
+        f"use: see the `admin` global option in {c.caddyfile})", admin_back_fix(env, serving),
         answering=True)
 
 
-def admin_back_fix(env: Environment) -> str:
+def block_first(env: Environment, text: str, serving: Slot | None, witness: str) -> str | None:
+    """What must be done to the file's managed block before a fix loads (or a restart reads)
+    the Caddyfile on disk, when the block does not name `serving` (the slot that serves, as
+    `witness` tells it) alone; None when it does, or nothing serves that is known. Found by
+    review (HIGH): the admin-moved fix said "write the admin line and load it" of a file
+    whose block named the stopped green while blue served; followed, it moved every user to
+    green (503/502 until a switch back). The lines to write are the ones rewrite makes (the
+    switch's own words for `serving`), each with its line number."""
+    from runbook.caddy.text import inspect
+
+    if serving is None:
+        return None
+    try:
+        named = inspect(text, env).slot
+    except CaddyError:  # no markers: the block's checks say so, and nothing is switched
+        return None
+    if named is serving:
+        return None
+    said = (f"{env.caddy.caddyfile}'s managed block names {named} while {serving} serves "
+            f"({witness})" if named is not None else
+            f"{env.caddy.caddyfile}'s managed block does not name {serving} alone, while "
+            f"{serving} serves ({witness})")
+    harm = f"loading the file as it is moves users {f'to {named}' if named else f'off {serving}'}"
+    try:
+        back = rewrite(text, env, serving)
+    except CaddyError as exc:
+        return (f"{said}: {harm}; first make every upstream and slot header between the slot "
+                f"markers name {serving} ({exc.fix}), then")
+    old, new = text.split("\n"), back.split("\n")
+    lines = "; ".join(f"line {n}: `{after.strip()}`" for n, (before, after)
+                      in enumerate(zip(old, new, strict=True), start=1) if before != after)
+    return (f"{said}: {harm}; first put the block back to {serving}, writing these lines "
+            f"between the slot markers as they are: {lines}; then")
+
+
+def admin_back_fix(env: Environment, serving: Slot | None = None) -> str:
     """How Caddy's admin API is brought back to [caddy] admin_url while Caddy serves: the
     `admin` line admin_url names in the Caddyfile, loaded through where Caddy's admin API
     listens now, as the file's own `admin` line says (its config moved it there). Found by
@@ -839,7 +879,8 @@ def admin_back_fix(env: Environment) -> str:
     address the environment file names, and no way to load it once the admin API had moved
     (a plain `caddy reload` dials the new file's address, where nothing listens yet). Where
     it listens cannot be told (the file already names admin_url's address, or cannot be
-    read): what to check, and the restart that reads the file."""
+    read): what to check, and the restart that reads the file. `serving`: the slot the
+    proxy's answer names; a block naming another is put back first (block_first)."""
     from runbook.caddy.text import admin_option
     from runbook.environment import command_arg
 
@@ -850,32 +891,36 @@ def admin_back_fix(env: Environment) -> str:
     reload = [*c.command, "reload", "--config", seen_by_caddy(env, c.caddyfile), "--adapter",
               "caddyfile", "--address"]
     then = f"then `runbook status {command_arg(env)}` again"
+    first = ""
     try:
-        option = admin_option(c.caddyfile.read_text(encoding="utf-8"))
+        text = c.caddyfile.read_text(encoding="utf-8")
+        option = admin_option(text)
     except (OSError, UnicodeError):
         option, listen = None, None
         said = f"{c.caddyfile} could not be read"
     else:
+        block = block_first(env, text, serving, f"the proxy answers {SLOT_HEADER}: {serving}")
+        first = f"{block} " if block else ""
         listen = option or DEFAULT_ADMIN  # none, or `admin` alone: Caddy's default
         said = (f"{c.caddyfile} names {f'`admin {option}`' if option else 'no admin address'}"
                 + ("" if listen != DEFAULT_ADMIN else f", so Caddy's default {DEFAULT_ADMIN}"))
     if option == "off":  # no admin API to load through: only a restart reads the file
-        return (f"write {line} in place of `admin off` in {c.caddyfile}'s global options "
-                f"({why}), then restart Caddy, whose admin API is off (connections to it drop "
-                f"once): {restart_advice(env)}; {then}")
+        return (f"{first}write {line} in place of `admin off` in {c.caddyfile}'s global "
+                f"options ({why}), then restart Caddy, whose admin API is off (connections to "
+                f"it drop once): {restart_advice(env)}; {then}")
     if listen is not None and not _same_listener(listen, want):
         address = container_admin_address(listen)
         how = (f"`{shlex.join([*reload, address])}`" if address is not None else
                f"`{shlex.join(reload)} <that address>`, or restart Caddy: "
                f"{restart_advice(env)}")
         edit = (f"write {line} in place of `admin {option}`" if option else f"add {line} to")
-        return (f"{edit} in {c.caddyfile}'s global options ({why}) and load it through the "
-                f"admin address Caddy listens on now, as {said}: {how}; {then}")
+        return (f"{first}{edit} in {c.caddyfile}'s global options ({why}) and load it through "
+                f"the admin address Caddy listens on now, as {said}: {how}; {then}")
     # the file names admin_url's address already (or was not read): Caddy runs another
     # config, whose admin address the runbook cannot know
-    return (f"{said}" + (", where [caddy] admin_url points: Caddy runs another config" if
-                         listen is not None else "") + "; find where Caddy's admin "
-            f"API listens (`ss -ltnxp | grep caddy`, Caddy's log: "
+    elsewhere = ", where [caddy] admin_url points: Caddy runs another config"
+    return (f"{first}{said}" + (elsewhere if listen is not None else "")
+            + "; find where Caddy's admin API listens (`ss -ltnxp | grep caddy`, Caddy's log: "
             f"{caddy_command.log_command(env)}) and load {c.caddyfile} through it "
             f"(`{shlex.join(reload)} <that address>`), or restart Caddy: "
             f"{restart_advice(env)}; make sure it has {line} ({why}); {then}")
