@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1881,8 +1882,34 @@ _SEE_MISPAIRED = (slots_mispaired, crash_looping)
 def problems(facts: Facts) -> list[Problem]:
     """Every problem of every check, in CHECKS order."""
     judged = _judged(facts)
-    return [dataclasses.replace(problem, check=check.__name__) for check in CHECKS
+    return [_block_first(facts, dataclasses.replace(problem, check=check.__name__))
+            for check in CHECKS
             for problem in check(facts if check in _SEE_MISPAIRED else judged)]
+
+
+# a fix that makes Caddy read the Caddyfile on disk: a reload, a /load of it, a restart
+_LOADS_FILE = re.compile(r"reload Caddy|caddy reload|systemctl (?:reload|restart) |/load\b"
+                         r"|restart Caddy|docker restart |and load it")
+# the checks that say the file and what runs differ, with their own way back
+_SAY_THE_FILE = ("caddyfile_differs_from_what_runs", "caddyfile_block_differs_from_what_runs")
+
+
+def _block_first(f: Facts, problem: Problem) -> Problem:
+    """`problem` with, before a fix that makes Caddy read the Caddyfile on disk, the lines
+    that put its managed block back to the slot Caddy serves, when it names another (found
+    by review, HIGH: a fix followed word for word loaded a block naming the stopped green
+    while blue served, and users got 502 until a switch back). A fix that says "do not
+    reload" keeps its words; the checks on the file's difference say it themselves."""
+    if f.active is None or f.caddy is None or problem.check in _SAY_THE_FILE \
+            or not _LOADS_FILE.search(problem.fix) or "do not reload" in problem.fix \
+            or "do not restart" in problem.fix:
+        return problem
+    try:
+        text = caddy.read(f.env)
+    except RunbookError:
+        return problem
+    first = caddy.block_first(f.env, text, f.active, f"Caddy's running config dials {f.active}")
+    return problem if first is None else dataclasses.replace(problem, fix=f"{first} {problem.fix}")
 
 
 def _judged(f: Facts) -> Facts:

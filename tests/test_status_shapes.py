@@ -360,6 +360,47 @@ def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_sl
     assert said["fix"].index("line ") < said["fix"].index(f"`admin {admin}`"), said
 
 
+def test_a_reload_a_fix_names_with_the_other_slot_in_the_file_keeps_the_serving_slot(
+        stack: DrillStack, admin_host: Environment) -> None:
+    """The same hazard where Caddy's admin API answers: another site's upstream Caddy
+    resolves per request (a placeholder), whose fix says "give it a literal address, reload
+    Caddy", while the file's managed block was edited to the stopped green, never loaded.
+    Followed as printed, the reload took the block too (502). Now that fix gives first the
+    lines that put the block back to blue; done as printed, blue still serves."""
+    env = admin_host
+    admin = f"127.0.0.1:{stack.ports.admin}"
+    text = caddy.read(env)
+    placeholder = text.replace('respond /ping "pong" 200',
+                               "reverse_proxy {http.request.header.X-Up}")
+    assert placeholder != text
+    _load_caddyfile(env, placeholder)
+    green = env.slot(Slot.GREEN)
+    stack.docker("stop", green.container)
+    on_disk = caddy.rewrite(placeholder, env, Slot.GREEN)  # edited to green, never loaded
+    env.caddy.caddyfile.write_text(on_disk)
+    assert through_proxy(env)[0] == "blue"
+    problems = _fixes(stack, env)
+    [said] = [p for p in problems if p["check"] == "upstream_unresolved"]
+    assert "reload Caddy" in said["fix"], said
+    # as printed: each line the fix gives, that site's literal address, then the reload
+    lines = on_disk.split("\n")
+    for number, written in re.findall(r"line (\d+): `([^`]*)`", said["fix"]):
+        old = lines[int(number) - 1]
+        lines[int(number) - 1] = old[:len(old) - len(old.lstrip())] + written
+    env.caddy.caddyfile.write_text("\n".join(lines).replace(
+        "{http.request.header.X-Up}", f"127.0.0.1:{closed_port()}"))
+    reload = [*env.caddy.command, "reload", "--config",
+              caddy.seen_by_caddy(env, env.caddy.caddyfile), "--adapter", "caddyfile",
+              "--address", admin]
+    done = subprocess.run(reload, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = drill_http.get(f"{env.caddy.proxy_url}/version", timeout=5,
+                            headers={"Connection": "close"})
+    assert (answer.status_code, answer.headers.get("X-Togather-Slot")) == (200, "blue"), \
+        said["fix"]
+    assert "names green while blue serves" in said["fix"], said
+
+
 def test_a_stopped_caddy_on_a_non_default_admin_address_is_started_as_printed(
         stack: DrillStack, admin_host: Environment) -> None:
     """Caddy's container stopped: every fix names starting it and asking admin_url (never

@@ -838,12 +838,13 @@ def admin_unanswered(env: Environment, reason: str) -> Unreloadable | None:
 
 def block_first(env: Environment, text: str, serving: Slot | None, witness: str) -> str | None:
     """What must be done to the file's managed block before a fix loads (or a restart reads)
-    the Caddyfile on disk, when the block does not name `serving` (the slot that serves, as
-    `witness` tells it) alone; None when it does, or nothing serves that is known. Found by
-    review (HIGH): the admin-moved fix said "write the admin line and load it" of a file
-    whose block named the stopped green while blue served; followed, it moved every user to
-    green (503/502 until a switch back). The lines to write are the ones rewrite makes (the
-    switch's own words for `serving`), each with its line number."""
+    the Caddyfile on disk, when the block names the slot other than `serving` (the one that
+    serves, as `witness` tells it); None when it names `serving`, no one slot (said as the
+    block's own problem, with its fix), or nothing known serves. Found by review (HIGH):
+    the admin-moved fix said "write the admin line and load it" of a file whose block named
+    the stopped green while blue served; followed, it moved every user to green (503/502
+    until a switch back). The lines to write are the ones rewrite makes (the switch's own
+    words for `serving`), each with its line number."""
     from runbook.caddy.text import inspect
 
     if serving is None:
@@ -852,23 +853,20 @@ def block_first(env: Environment, text: str, serving: Slot | None, witness: str)
         named = inspect(text, env).slot
     except CaddyError:  # no markers: the block's checks say so, and nothing is switched
         return None
-    if named is serving:
+    if named is None or named is serving:  # a block naming no one slot: its own problem
         return None
     said = (f"{env.caddy.caddyfile}'s managed block names {named} while {serving} serves "
-            f"({witness})" if named is not None else
-            f"{env.caddy.caddyfile}'s managed block does not name {serving} alone, while "
-            f"{serving} serves ({witness})")
-    harm = f"loading the file as it is moves users {f'to {named}' if named else f'off {serving}'}"
+            f"({witness}): loading the file as it is moves users to {named}")
     try:
         back = rewrite(text, env, serving)
-    except CaddyError as exc:
-        return (f"{said}: {harm}; first make every upstream and slot header between the slot "
-                f"markers name {serving} ({exc.fix}), then")
+    except CaddyError:
+        return (f"{said}; first make every upstream and slot header between the slot markers "
+                f"name {serving} again, then")
     old, new = text.split("\n"), back.split("\n")
     lines = "; ".join(f"line {n}: `{after.strip()}`" for n, (before, after)
                       in enumerate(zip(old, new, strict=True), start=1) if before != after)
-    return (f"{said}: {harm}; first put the block back to {serving}, writing these lines "
-            f"between the slot markers as they are: {lines}; then")
+    return (f"{said}; first put the block back to {serving}, writing these lines between "
+            f"the slot markers as they are: {lines}; then")
 
 
 def admin_back_fix(env: Environment, serving: Slot | None = None) -> str:
