@@ -636,6 +636,23 @@ def _inspected(name: str) -> dict[str, Any] | None:
     return attrs if str(attrs.get("Name") or "").lstrip("/") == name.lstrip("/") else None
 
 
+def resume_autosave(name: str) -> str | None:
+    """Where Caddy's autosave.json is in container `name` when its Caddy was started with
+    `--resume` (its Path and Args: a restart then loads that file, never --config, unless it
+    is missing); None otherwise. Caddy's own default: $XDG_CONFIG_HOME/caddy (the official
+    image sets /config), else $HOME/.config/caddy."""
+    attrs = _inspected(name)
+    if attrs is None:
+        return None
+    argv = [str(attrs.get("Path") or ""), *map(str, attrs.get("Args") or ())]
+    if not any(a == "--resume" or (a.startswith("--resume=") and a != "--resume=false")
+               for a in argv):
+        return None
+    environ = dict(e.partition("=")[::2] for e in ((attrs.get("Config") or {}).get("Env") or ()))
+    base = environ.get("XDG_CONFIG_HOME") or f"{environ.get('HOME') or '/root'}/.config"
+    return f"{base.rstrip('/')}/caddy/autosave.json"
+
+
 def _addresses(attrs: dict[str, Any]) -> frozenset[str]:
     if str((attrs.get("HostConfig") or {}).get("NetworkMode") or "") == "host":
         # it shares the host's network and hostname: reached on its port (judged by port),

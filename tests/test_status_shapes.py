@@ -401,6 +401,56 @@ def test_a_reload_a_fix_names_with_the_other_slot_in_the_file_keeps_the_serving_
     assert "names green while blue serves" in said["fix"], said
 
 
+@pytest.fixture
+def resumed_caddy(stack: DrillStack, admin_host: Environment) -> Iterator[Environment]:
+    """The drill's Caddy replaced by one started `caddy run --config ... --resume` (same
+    image, host network, Caddyfile mount), [caddy] command naming it; removed after, the
+    drill's own started again (admin_host's teardown restarts it)."""
+    name = f"{stack.caddy_container}-resume"
+    image = docker.inspect(stack.caddy_container).image
+    assert image is not None
+    subprocess.run(["docker", "stop", stack.caddy_container], check=True, capture_output=True)
+    try:
+        subprocess.run(["docker", "run", "-d", "--name", name, "--network", "host", "-v",
+                        f"{stack.caddy_dir}:{stack.caddy_mount}", image, "caddy", "run",
+                        "--config", f"{stack.caddy_mount}/Caddyfile", "--adapter",
+                        "caddyfile", "--resume"], check=True, capture_output=True)
+        stack.wait_caddy()
+        env = admin_host.with_(caddy=dataclasses.replace(
+            admin_host.caddy, command=("docker", "exec", name, "caddy")))
+        assert env.source is not None
+        env.source.write_text(envmod.to_toml(env))
+        yield env
+    finally:
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True, check=False)
+
+
+def test_admin_off_under_caddy_run_resume_is_given_back_as_printed(
+        stack: DrillStack, resumed_caddy: Environment) -> None:
+    """Found by review (MEDIUM): Caddy started with `caddy run --resume`, `admin off` loaded
+    (Caddy autosaves it). The fix said "write the admin line, then `docker restart`": the
+    restart loads autosave.json, not the Caddyfile, so the admin API stayed off and the fix
+    repeated forever. Now it names --resume and the autosave file to move aside; done as
+    printed, the admin API answers at admin_url and blue still serves."""
+    env = resumed_caddy
+    admin = f"127.0.0.1:{stack.ports.admin}"
+    text = caddy.read(env)
+    off = text.replace(f"admin {admin}", "admin off")
+    _load_caddyfile(env, off)  # autosaved by Caddy: what --resume loads
+    assert through_proxy(env)[0] == "blue"
+    problems = _fixes(stack, env)
+    [said] = [p for p in problems if "admin API does not answer" in p["problem"]]
+    env.caddy.caddyfile.write_text(text)  # the admin line, as the fix says
+    for command in _typed(said["fix"], "docker "):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 0, (command, done.stdout + done.stderr)
+    stack.wait_caddy()
+    assert drill_http.get(f"{env.caddy.admin_url}/config/", timeout=5).status_code == 200, \
+        said["fix"]
+    assert through_proxy(env)[0] == "blue"
+
+
 def test_a_stopped_caddy_on_a_non_default_admin_address_is_started_as_printed(
         stack: DrillStack, admin_host: Environment) -> None:
     """Caddy's container stopped: every fix names starting it and asking admin_url (never

@@ -903,6 +903,16 @@ def admin_back_fix(env: Environment, serving: Slot | None = None) -> str:
         said = (f"{c.caddyfile} names {f'`admin {option}`' if option else 'no admin address'}"
                 + ("" if listen != DEFAULT_ADMIN else f", so Caddy's default {DEFAULT_ADMIN}"))
     if option == "off":  # no admin API to load through: only a restart reads the file
+        resumed = _resumed(env)
+        if resumed is not None:  # a restart would load autosave.json: admin off again
+            name, autosave = resumed
+            aside = shlex.join(["docker", "exec", name, "mv", autosave, f"{autosave}.bak"])
+            return (f"{first}write {line} in place of `admin off` in {c.caddyfile}'s global "
+                    f"options ({why}); Caddy's container {name} runs `caddy run --resume`, so "
+                    f"a restart loads its last config, {autosave} (admin off again), not "
+                    f"{c.caddyfile}: move it aside (`{aside}`; with none, --resume reads "
+                    f"--config), then restart Caddy, whose admin API is off (connections to it "
+                    f"drop once): `docker restart {name}`; {then}")
         return (f"{first}write {line} in place of `admin off` in {c.caddyfile}'s global "
                 f"options ({why}), then restart Caddy, whose admin API is off (connections to "
                 f"it drop once): {restart_advice(env)}; {then}")
@@ -922,6 +932,23 @@ def admin_back_fix(env: Environment, serving: Slot | None = None) -> str:
             f"{caddy_command.log_command(env)}) and load {c.caddyfile} through it "
             f"(`{shlex.join(reload)} <that address>`), or restart Caddy: "
             f"{restart_advice(env)}; make sure it has {line} ({why}); {then}")
+
+
+def _resumed(env: Environment) -> tuple[str, str] | None:
+    """(container, its autosave.json) when Caddy runs in a container started with `caddy
+    run --resume`. Found by review (MEDIUM): the `admin off` fix (write the admin line,
+    restart) looped forever there: the restart loads autosave.json, not --config."""
+    from runbook import docker
+    from runbook.errors import RunbookError
+
+    name = caddy_command.exec_container(env.caddy.command)
+    if name is None:
+        return None
+    try:
+        autosave = docker.resume_autosave(name)
+    except RunbookError:
+        return None
+    return None if autosave is None else (name, autosave)
 
 
 def restart_advice(env: Environment) -> str:
