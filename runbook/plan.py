@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from runbook import docker
 
 PUT_BACK = "put back the interrupted run's record"  # an undo that moves no traffic
+# the switch step's undo (slots.switch_step): once it ran, Caddy may have sent users to the
+# target before the undo, so an interrupted run never says "nothing took effect"
+CADDY_UNDO = "put back the previous Caddyfile and load the config Caddy ran before"
 WARNING = "warning: "  # a notice that starts so is a plan warning (the CLI labels it)
 
 
@@ -870,10 +873,18 @@ class _Execution:
             cause.args = (cause.message,)
             return cause
         if isinstance(cause, Interrupted):
+            again = (f"run `{self.plan.resume_command}` again when ready"
+                     if self.plan.resume_command else "run the command again")
+            if any(t.startswith(CADDY_UNDO) for t in done):
+                # a signal held through the switch: Caddy may have loaded the new config and
+                # served from the target (~70 ms) before the undo (found by review: "nothing
+                # took effect" of a switch verified and then undone)
+                return RunbookError(f"{what}: the switch was undone (Caddy may have sent "
+                                    f"requests to the new slot for a moment){undone}; traffic "
+                                    "is back where it was", again,
+                                    exit_code=ExitCode.FAILED_SAFELY)
             return RunbookError(f"{what}: nothing took effect{undone}; traffic stays where it "
-                                "was", f"run `{self.plan.resume_command}` again when ready"
-                                if self.plan.resume_command else "run the command again",
-                                exit_code=ExitCode.FAILED_SAFELY)
+                                "was", again, exit_code=ExitCode.FAILED_SAFELY)
         return RunbookError(f"unexpected failure: {what}{undone}; traffic stays where it was",
                             "this is a bug: the journal has the details",
                             exit_code=ExitCode.FAILED_SAFELY)

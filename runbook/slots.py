@@ -31,7 +31,7 @@ from runbook import state as states
 from runbook.docker import ContainerInfo
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ActFirstError, ExitCode, PreconditionError, RunbookError
-from runbook.plan import WARNING, Aside, Phase, Skipped, Step, StepContext
+from runbook.plan import CADDY_UNDO, WARNING, Aside, Phase, Skipped, Step, StepContext
 from runbook.probes import Probe
 
 
@@ -2298,8 +2298,7 @@ def switch_step(env: Environment, target: Slot, expected_version: str,
                 ctx.note(caddyfile_owner=owner)
         loaded: list[Any] = []  # what the reload loaded: its undo goes back over it alone
         refused: list[bool] = []  # Caddy refused the load (412): it still runs what it ran
-        ctx.on_failure("put back the previous Caddyfile and load the config Caddy ran before"
-                       + (f" (traffic back on {before})" if before else ""),
+        ctx.on_failure(CADDY_UNDO + (f" (traffic back on {before})" if before else ""),
                        lambda: _undo_switch(env, restore_bytes, before, running, target,
                                             new, loaded[0] if loaded else None,
                                             refused=bool(refused), failing=failing))
