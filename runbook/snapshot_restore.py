@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook import compose
+from runbook import intent as intents
 from runbook.database import SchemaVersion
 from runbook.environment import Environment, Slot, command_arg
 from runbook.errors import ExitCode, PreconditionError, RunbookError
@@ -1153,6 +1154,52 @@ def _unfit_standby(env: Environment, run: RestoreRun) -> dict[str, str]:
     return unfit
 
 
+def _closes_deploy(env: Environment, snap: Snapshot) -> intents.Intent | None:
+    """The interrupted deploy whose pre-deploy snapshot `snap` is, while traffic never moved
+    to it (its record's phase): restored, nothing of that deploy is left (its migrations were
+    all it did that stays), so its record is closed by the restore. Found by review: after
+    the documented restore of a deploy that failed its gate once its migrations ran, status
+    still said "an interrupted run is unfinished" and named `runbook deploy` to finish it.
+    None when unreadable (the record stays, as before)."""
+    try:
+        pending = intents.read(env)
+    except (RunbookError, OSError):
+        return None
+    if pending is None or pending.action != "deploy" \
+            or pending.phase is not intents.Phase.PREPARE:
+        return None
+    deployment, taken = pending.record.get("deployment_id"), pending.record.get("snapshot_path")
+    ours = (isinstance(taken, str) and bool(taken) and Path(taken).name == snap.name) or (
+        isinstance(deployment, str) and bool(deployment) and snap.deployment_id == deployment)
+    return pending if ours else None
+
+
+def _close_deploy_step(env: Environment, pending: intents.Intent, snap: Snapshot) -> Step:
+    """The last step of a restore of an interrupted deploy's pre-deploy snapshot: its record
+    removed once the database holds what it held before that deploy, unless another run
+    replaced the record meanwhile (then it is left)."""
+    def run(ctx: StepContext) -> None:
+        if not intents.clear(env, pending.run_id):
+            raise RunbookError(f"{intents.path(env)} could not be removed: the interrupted "
+                               f"deploy of {pending.to_version} is still named as unfinished",
+                               f"remove it by hand: the database holds {snap.name}, from "
+                               "before that deploy", exit_code=ExitCode.ATTENTION)
+        ctx.notice(f"the interrupted deploy of {pending.to_version} ({pending.run_id}) is "
+                   f"closed: this restore of its pre-deploy snapshot undid its migrations, and "
+                   f"traffic never moved to it; `runbook deploy {command_arg(env)} --version "
+                   f"{pending.to_version}` deploys it anew (it failed before: find out why "
+                   "first)")
+
+    return Step("close-deploy-record",
+                f"Close the interrupted deploy's record ({pending.to_version}, "
+                f"{pending.run_id})", {
+                    "record": str(intents.path(env)),
+                    "why": f"{snap.name} is that deploy's pre-deploy snapshot: restored, its "
+                           f"migrations are undone, and traffic never moved to "
+                           f"{pending.to_slot}: nothing of it is left to finish",
+                }, run=run)
+
+
 def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = True,
             dry_run: bool = False, reason: str = "snapshot restore",
             confirm: Callable[..., bool] | None = None,
@@ -1199,6 +1246,8 @@ def restore(env: Environment, ref: str | Path | None = None, *, restart: bool = 
         else:
             steps.append(Step("start-app-slots", "Start the app containers again",
                               skip="--keep-stopped"))
+        if (closing := _closes_deploy(env, snap)) is not None:
+            steps.append(_close_deploy_step(env, closing, snap))
         summary = (f"restore {env.display}'s database from {snap.name} (schema "
                    f"{restore_run.verified.migration_version})")
         return Plan("snapshot-restore", env, summary, steps, warnings, facts=facts)
