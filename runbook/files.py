@@ -48,6 +48,8 @@ def write_fix(exc: OSError, directory: Path, otherwise: str, *,
     if exc.errno == errno.EROFS:
         return (f"{directory} is on a read-only filesystem (`findmnt -T "
                 f"{shlex.quote(str(directory))}` shows its mount): {read_only_fix()}")
+    if exc.errno == errno.EACCES and (denied := _denied(directory, target)) is not None:
+        return denied
     if exc.errno in (errno.EPERM, errno.EBUSY):
         for path in [*([target] if target is not None else []), directory]:
             if (found := unwritable(path)) is not None:
@@ -58,6 +60,31 @@ def write_fix(exc: OSError, directory: Path, otherwise: str, *,
                 f"{where}`, `chattr -i {where}`; `findmnt -T {where}`), or, not as root, in a "
                 "sticky folder (`chmod +t`) another user owns; undo that, then run again")
     return otherwise
+
+
+def _denied(directory: Path, target: Path | None) -> str | None:
+    """The fix for a write this user may not make (EACCES): whose the folder (or the file)
+    is and its mode, and the way out, instead of "check free disk space and permissions"
+    (found by review: on-call, not root, was left to find out whose files these were)."""
+    import grp
+
+    for path in [directory, *([target] if target is not None else [])]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
+            continue
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = f"gid {st.st_gid}"
+        return (f"{path} belongs to {owner_name(st.st_uid)}, group {group}, mode "
+                f"{stat.S_IMODE(st.st_mode):o}, and {owner_name(os.geteuid())} may not write "
+                f"{'in it' if stat.S_ISDIR(st.st_mode) else 'it'}: run the same command as "
+                "root (`sudo runbook ...`), or give this user's group write there "
+                f"(`chgrp <its group> {shlex.quote(str(path))}` and `chmod g+w`), then run again")
+    return None
 
 
 # FS_IOC_GETFLAGS, _IOR('f', 1, long) (the kernel reads and writes an int); the attributes

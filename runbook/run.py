@@ -492,6 +492,15 @@ def _release(env: Environment, held: locks.Lock, journal: Any,
             if held.cleared_copy:  # a takeover that changed nothing: the dead run's copy
                 journal.log("INFO", f"deploy lock: {held.cleared_copy}", step="unlock")
                 say(f"deploy lock: {held.cleared_copy}")
+            if held.unreleased_copy:  # found by review: unsaid, the Go CLI waited 30 min
+                left = (f"deploy lock: the state file {env.state_file} still says this run "
+                        f"holds the lock ({held.unreleased_copy}): tools that read only that "
+                        f"file (the Go CLI) wait until it expires (by "
+                        f"{held.expires_at:%Y-%m-%dT%H:%M:%SZ} at the latest), or until "
+                        f"`runbook unlock {command_arg(env)} --yes` by a user who may write "
+                        "it clears it")
+                journal.log("WARN", left, step="unlock")
+                say(left)
     except (RunbookError, OSError) as exc:
         say(f"the deploy lock {env.lock_path} could not be released ({exc}); the next run "
             "takes it over and says so, since this run has exited")

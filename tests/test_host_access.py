@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -929,3 +930,71 @@ def test_another_users_stale_lock_in_a_sticky_folder_fails_the_dry_run_as_the_re
         finally:
             shutil.rmtree(env.lock_path, ignore_errors=True)
             os.chmod(env.lock_dir, mode)
+
+
+def _stopped_child(parent: int, timeout: float = 60) -> int:
+    """The pid of the process under `parent` (runuser's child: the runbook) once it has
+    stopped itself (its fault point's SIGSTOP)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [parent]
+        for pid in list(pids):
+            with contextlib.suppress(OSError):
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                pids += [int(k) for k in kids]
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                stat_line = Path(f"/proc/{pid}/stat").read_text()
+                if stat_line[stat_line.rindex(")") + 2] == "T":
+                    return pid
+        time.sleep(0.05)
+    raise AssertionError("the run never reached its fault point")
+
+
+@needs_root_and_useradd
+def test_a_state_folder_taken_away_after_traffic_moved_names_its_owner_and_the_lock_left(
+        scene_stack: DrillStack, users: Users) -> None:
+    """Found by review: on-call (not root) rolled back, and config management took the
+    state folder back (owner and mode) while the run switched. The run said TOOK EFFECT (exit
+    6) with "check free disk space and permissions", and the state file went on saying
+    "locked" by that run for 30 minutes, which the Go CLI obeys, unsaid. Now the folder's
+    owner, group and mode and the way out are named, and so is the lock the state file still
+    holds, with until when. Root's rerun finishes it. Oracle: the files and the proxy."""
+    from runbook import faults
+    from runbook.environment import Slot
+    from tests.drill_checks import through_proxy
+
+    env = two_deployments(scene_stack)  # v3 serving from blue, v2 stopped on green
+    assert env.source is not None
+    with shared_with_group(scene_stack, users):
+        folder = env.state_file.parent
+        path = os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]])
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+        environ.update(PYTHONPATH=path, HOME="/tmp", PYTHONDONTWRITEBYTECODE="1",
+                       **{faults.VARIABLE: "switch.after-verify:SIGSTOP"})
+        run = subprocess.Popen(["runuser", "-u", users.oncall, "--", *users.python, "-m",
+                                "runbook.cli", "rollback", "--yes", str(env.source)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environ, stdin=subprocess.DEVNULL, cwd="/tmp")
+        try:
+            stopped = _stopped_child(run.pid)
+            os.chown(folder, users.owner_uid, users.gid)
+            os.chmod(folder, 0o755)
+            os.kill(stopped, signal.SIGCONT)
+            _, err = run.communicate(timeout=180)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+            os.chmod(folder, 0o770)
+    assert run.returncode == 6, err
+    assert "TOOK EFFECT" in err, err
+    assert (f"{folder} belongs to {users.owner} (uid {users.owner_uid}), group "
+            f"{users.group}, mode 755, and {users.oncall}") in err, err
+    assert "`sudo runbook ...`" in err and "check free disk space" not in err, err
+    assert f"the state file {env.state_file} still says this run holds the lock" in err, err
+    assert json.loads(env.state_file.read_text())["lock"]["locked"] is True  # as said
+    assert through_proxy(env)[0] == Slot.GREEN.value
+    done = runbook_cli(env, "rollback", "--yes")  # root finishes it and frees the lock
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(env.state_file.read_text())["lock"]["locked"] is False

@@ -95,6 +95,8 @@ class Lock:
     released: bool = field(default=False)
     # what the release cleared of the stale lock it took over (_clear_stolen_copy), to say
     cleared_copy: str | None = field(default=None)
+    # the release could not clear the state file's copy: it says "locked" until it expires
+    unreleased_copy: str | None = field(default=None)
     published: bool = field(default=False)  # mirrored into the state file
     # a missing state file is created for the mirror (a deploy's: see publish)
     create_state: bool = field(default=False)
@@ -580,7 +582,8 @@ def release(env: Environment, lock: Lock, *, clear_stolen_copy: bool = False) ->
     if lock.published:
         with contextlib.suppress(statemod.StateChangedError), statemod.WRITING:
             # (a changed file never replaces the outcome)
-            _mirror(env, {"locked": False}, replace_if=lock._mirror_is_ours)
+            lock.unreleased_copy, _ = _mirror(env, {"locked": False},
+                                              replace_if=lock._mirror_is_ours)
     elif lock.stolen_from is not None and clear_stolen_copy:
         _clear_stolen_copy(env, lock)
     return owned
