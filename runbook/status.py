@@ -1107,7 +1107,7 @@ def traffic_unclear(f: Facts) -> Iterator[Problem]:
             traffic.NOTHING_CHANGED), traffic.no_single_slot_fix(f.env, f.traffic))
     elif trouble:  # marker lines that cannot be read: a switch refuses them too
         yield Problem(trouble, traffic.no_single_slot_fix(f.env, f.traffic)
-                      if f.traffic.markers is not None else
+                      if f.traffic.markers is not None or f.traffic.outside_differs else
                       _pairing_fix(f) or _by_name_fix(f)
                       or "repoint Caddy at the slot you know is healthy: "
                       f"`runbook switch {_arg(f.env)} --slot <blue|green>`")

@@ -9,6 +9,7 @@ cannot be read, callers fail closed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class Traffic:
     # the block either, so the marker line, not a switch, is the way out
     markers: tuple[str, str] | None = None
     proxy_status: int | None = None  # the HTTP status the proxy answered (None: no answer)
+    # both slots dialed, the markers read, and the Caddyfile's part outside them is not what
+    # Caddy runs (an edit not loaded): the reason the dials cannot be told apart, said as
+    # that, never as a blind "switch to a slot" (found by review)
+    outside_differs: bool = False
 
     @property
     def untrusted(self) -> bool:
@@ -101,6 +106,11 @@ class Traffic:
             return (f"Caddy's running config dials both slots' ports, and which of those "
                     f"dials are the managed block's cannot be told: the slot markers of "
                     f"{env.caddy.caddyfile} cannot be read ({self.markers[0]})")
+        if len(self.slots) > 1 and self.outside_differs:
+            return (f"Caddy's running config dials both slots' ports, and which of those "
+                    f"dials are the managed block's cannot be told: {env.caddy.caddyfile} "
+                    "outside the slot markers is not what Caddy runs (an edit not loaded, or "
+                    "a config loaded another way)")
         if len(self.slots) > 1:
             return "Caddy's running config dials both slots' ports"
         if self.proxy_slot is not None and self.proxy_slot != str(self.slot):
@@ -490,6 +500,8 @@ def from_config(env: Environment, config: Any,
     # "dials both slots' ports" offered the switch, which refused on the very markers)
     markers = markers_problem(env) if len(slots) > 1 and outside is not None \
         and fixed is None else None
+    differs = (len(slots) > 1 and outside is not None and fixed is None and markers is None
+               and outside_differs(env, config))
     if unresolved := _unresolved(config):  # cannot tell: fail closed for both slots
         pinned = frozenset(env.slots)
     return Traffic(slots=slots, dials=dials, h2c=h2c_listens(config), pinned=pinned,
@@ -498,7 +510,7 @@ def from_config(env: Environment, config: Any,
                    # markers) keeps dialing it whatever the drain waits for
                    fronts=slot_fronts(config, [env.slot(s).port for s in slots], here),
                    listens=front_listens(config, [env.slot(s).port for s in slots], here),
-                   markers=markers)
+                   markers=markers, outside_differs=differs)
 
 
 def markers_problem(env: Environment) -> tuple[str, str] | None:
@@ -523,6 +535,12 @@ def no_single_slot_fix(env: Environment, found: Traffic) -> str:
     circle); otherwise a switch to the healthy slot repoints Caddy."""
     if found.markers is not None:
         return f"in {env.caddy.caddyfile}: {found.markers[1]}, then run again"
+    if found.outside_differs:  # a switch would load that edit too, blind to which slot
+        return (f"make {env.caddy.caddyfile} outside the slot markers what Caddy runs: undo "
+                f"the edit not loaded (`curl -s {env.caddy.admin_url}/config/` shows what "
+                "runs), or, if it is meant, load it the way this host reloads Caddy, with the "
+                "managed block naming the slot that serves now; then `runbook status "
+                f"{command_arg(env)}` again (a `runbook switch` would load that edit too)")
     if found.conflict:  # a switch is refused too: never offered (found by review)
         return (f"check that [caddy] admin_url ({env.caddy.admin_url}) and proxy_url "
                 f"({env.caddy.proxy_url}) in {env.source or 'the environment file'} reach "
@@ -734,6 +752,28 @@ def _outside_dials(env: Environment, raw: str, running: Any) -> Counter[str] | N
     except (OSError, UnicodeError, RunbookError):
         return None
     return Counter(every_dial(answer))
+
+
+def outside_differs(env: Environment, running: Any) -> bool:
+    """Whether the Caddyfile's part outside the slot markers is surely not what Caddy runs
+    (`running`, its loaded config): the file, with its managed block as written or pointed
+    at either slot, adapts to none of Caddy's `apps`. False when that cannot be told (the
+    file or the adapter did not answer). Asked only once the dials could not be told apart."""
+    from runbook.caddy import admin
+    from runbook.caddy import text as caddytext
+
+    want = running.get("apps") if isinstance(running, dict) else None
+    if want is None:
+        return False
+    try:
+        raw = env.caddy.caddyfile.read_text(encoding="utf-8")
+        texts = [raw, *(caddytext.rewrite(raw, env, slot) for slot in env.slots)]
+        adapted = [admin.adapt(env, text) for text in texts]
+    except (OSError, UnicodeError, RunbookError):
+        return False
+    if any(not isinstance(whole, dict) for whole in adapted):
+        return False
+    return all(whole.get("apps") != want for whole in adapted if isinstance(whole, dict))
 
 
 def _may_dial_a_slot(env: Environment, outside: str) -> bool:
@@ -957,9 +997,8 @@ def read(env: Environment, *, proxy: bool = True) -> Traffic:
         witness.settle(1.0)  # a refused read is not held up by the other witness
         raise
     header, error, unverifiable, status = witness.result()
-    return Traffic(found.slots, found.dials, header, error, found.h2c, found.pinned,
-                   found.dialed, found.fronts, unverifiable, found.unresolved, found.listens,
-                   found.markers, status)
+    return dataclasses.replace(found, proxy_slot=header, proxy_error=error,
+                               proxy_unverifiable=unverifiable, proxy_status=status)
 
 
 def serving_now(env: Environment) -> Slot | None:

@@ -4324,6 +4324,44 @@ def test_a_site_proxying_to_another_machine_on_a_slots_port_number_pins_nothing(
     assert through_proxy(env) == ("blue", V3.tag)
 
 
+def test_an_edit_outside_the_markers_not_loaded_is_said_as_that_never_as_a_blind_switch(
+        stack: DrillStack) -> None:
+    """Found by review: a site outside the slot markers proxies to green while blue serves,
+    and an edit outside the markers sat on disk, not loaded. Which dials are the managed
+    block's could not be told, and status said only "Caddy's running config dials both
+    slots' ports", with the fix `runbook switch --slot <blue|green>`: a blind choice, whose
+    load would take that edit live too. The reason is said (the part outside the markers is
+    not what Caddy runs), the refusal stays (exit 4, nothing changed), and the fix names
+    the edit, never a switch; loaded, blue is told as serving again."""
+    env = two_deployments(stack)  # v3 serving from blue, v2 the previous, stopped on green
+    green = env.slot(Slot.GREEN)
+    loaded = pin_other_site(env, f"localhost:{green.port}")
+    assert traffic.read(env, proxy=False).slot == Slot.BLUE  # told apart: the file is what runs
+    edited = loaded.replace(f"reverse_proxy localhost:{green.port}",
+                            f"header X-Edited \"1\"\n\treverse_proxy localhost:{green.port}")
+    assert edited != loaded
+    files.atomic_write(env.caddy.caddyfile, edited.encode())  # on disk only
+    try:
+        seen = json.loads(runbook_cli(env, "status", "--format", "json").stdout)
+        said = [p for p in seen["problems"] if "dials both slots' ports" in p["problem"]]
+        assert len(said) == 1, seen["problems"]
+        assert (f"{env.caddy.caddyfile} outside the slot markers is not what Caddy runs"
+                in said[0]["problem"]), said
+        assert "--slot <blue|green>" not in said[0]["fix"] and "edit not loaded" in \
+            said[0]["fix"], said
+        before = snapshot(env)
+        refused = runbook_cli(env, "rollback", "--dry-run")
+        assert refused.returncode == ExitCode.PRECONDITION, refused.stdout + refused.stderr
+        assert "outside the slot markers is not what Caddy runs" in refused.stderr, \
+            refused.stderr
+        assert snapshot(env) == before
+        load_only(env, edited)  # the edit is meant: loaded as the host reloads
+        assert traffic.read(env, proxy=False).slot == Slot.BLUE
+        assert through_proxy(env)[0] == "blue"
+    finally:
+        stack.reset()
+
+
 @pytest.mark.parametrize("upstream", ["placeholder", "dynamic"])
 def test_a_site_outside_the_markers_with_a_runtime_upstream_keeps_both_slots(
         stack: DrillStack, upstream: str) -> None:
