@@ -502,13 +502,20 @@ def check_matches(env: Environment, run: RestoreRun) -> str:
 
 def after_failed_replay(env: Environment, run: RestoreRun, exc: RunbookError,
                          safety: Path | None) -> RunbookError:
-    """Prove the rollback left the data as it was (compare with the safety snapshot)."""
-    back = (f"the safety snapshot {safety} holds the data as it was; restore it with "
-            f"`runbook snapshot restore {command_arg(env)} {safety.name}`" if safety
-            else "no safety snapshot was taken")
+    """Prove the rollback left the data as it was (compare with the safety snapshot). The
+    safety snapshot is offered as the way back only where the database could not be proved
+    unchanged: unchanged, a restore of it drops every write made since it was taken (found
+    by review: 110 rows a reconnecting worker wrote after it, advice followed)."""
+    kept = (f"the safety snapshot {safety} holds the data as it was when this run took it; "
+            "do not restore it: the database is unchanged, and a restore of it would drop "
+            "the writes made since" if safety else "no safety snapshot was taken")
+    back = (f"the safety snapshot {safety} holds the data as it was when this run took it; "
+            f"if the database is not as it was, restore it with `runbook snapshot restore "
+            f"{command_arg(env)} {safety.name}` (that drops any write made after it was "
+            "taken)" if safety else "no safety snapshot was taken")
     if isinstance(exc, ReplayFailed):  # COMMIT never sent, or Postgres says it aborted
         return RunbookError(f"{exc.message}; the database is unchanged",
-                            f"fix the cause and run again; {back}",
+                            f"fix the cause and run again; {kept}",
                             exit_code=ExitCode.FAILED_SAFELY)
     same = False
     with contextlib.suppress(Exception):
@@ -519,7 +526,7 @@ def after_failed_replay(env: Environment, run: RestoreRun, exc: RunbookError,
                     == {k: v.rows for k, v in run.safety.tables.items()})
     if same:
         return RunbookError(f"{exc.message}; the database is unchanged",
-                            f"fix the cause and run again; {back}",
+                            f"fix the cause and run again; {kept}",
                             exit_code=ExitCode.FAILED_SAFELY)
     return RunbookError(f"{exc.message}, but the database could not be proved unchanged",
                         f"check it now; {back}", exit_code=ExitCode.ATTENTION)
