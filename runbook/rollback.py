@@ -997,7 +997,10 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
                                          "fix": guard.refused.fix}}
                      if guard.refused is not None else {})})
     return Plan("rollback", env, summary, steps, warnings, diff, facts=facts,
-                intent=intent, resume_command=resume_command(env, target.version),
+                # a restoring run's Ctrl-C names its flags too (found by review: typed as
+                # printed, the schema guard refused it, a wasted step during an outage)
+                intent=intent, resume_command=restoring_command(env, intent)
+                or resume_command(env, target.version),
                 replaces=finish.replaced(found, intent))
 
 

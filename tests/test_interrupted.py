@@ -2195,6 +2195,28 @@ def test_a_restore_continued_then_interrupted_starts_the_slot_the_first_run_stop
     assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
 
 
+def test_a_ctrl_c_before_a_rollbacks_restore_names_the_restoring_rerun_that_runs(
+        stack: DrillStack) -> None:
+    """Found by review: Ctrl-C during `rollback --restore-snapshot`'s safety snapshot was
+    undone (exit 1), and the run said "run `runbook rollback ENV --to v1` again when ready":
+    typed as printed, the schema guard refused it (exit 4), a wasted step. The command it
+    names carries the restore's flags, and typed as printed it rolls back."""
+    stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2
+    env = stack.env
+    stopped = cli(env, "rollback", "--restore-snapshot", "--yes",
+                  fault="before:safety-snapshot:SIGINT")
+    assert stopped.returncode == 1, stopped.stderr
+    assert through_proxy(env) == ("green", VERSIONS["v2"].tag)
+    named = re.findall(r"run `(runbook rollback [^`]+)` again when ready", stopped.stderr)
+    assert len(named) == 1 and "--restore-snapshot --snapshot" in named[0], stopped.stderr
+    argv = shlex.split(named[0])[1:]
+    assert str(env.source) in argv
+    argv.remove(str(env.source))
+    again = cli(env, *argv, "--yes")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert through_proxy(env) == ("blue", VERSIONS["v1"].tag)
+
+
 def test_a_rerun_stopped_before_its_restore_never_starts_the_code_a_committed_restore_unfits(
         stack: DrillStack) -> None:
     """The counterpart of the test above, found by review: `rollback --restore-snapshot`
