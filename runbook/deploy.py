@@ -285,7 +285,7 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         slots.refuse_recreate(env, target)
         # registered before the act (a Ctrl-C or time-out inside it may leave it running)
         ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo yet
-        ctx.on_failure(f"stop {config.container} (traffic stays where it is)", undo)
+        ctx.on_failure(f"stop {config.container} (started by this run)", undo)
         slots.recreate(env, target, version, checked=True, image=made, build=build,
                        cut_off=ctx.cut_off, created=created)
 

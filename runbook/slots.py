@@ -974,7 +974,7 @@ def run_step(env: Environment, prep: Preparation, observed: Observed | None = No
             refuse_recreate(env, prep.slot)  # refused: nothing to undo
             ctx.stop_if_signalled()  # a Ctrl-C while it read: nothing to undo either
             made: list[str] = []  # the created container's id, once compose has made it
-            ctx.on_failure(f"stop {config.container} (traffic stays where it is)",
+            ctx.on_failure(f"stop {config.container} (started by this run)",
                            lambda: stop_if_started(env, prep.slot, observed,
                                                    made[0] if made else None), by_hand)
             recreate(env, prep.slot, prep.tag, recreate_command, checked=True,
