@@ -393,7 +393,7 @@ def _serving_is_current(env: Environment, state: states.DeploymentState,
     says that run completed)."""
     runs = _runs(serving)
     if runs is not None and runs != current.version and not named:
-        known = ", ".join(d.version for d in state.deployments())
+        known = ", ".join(dict.fromkeys(d.version for d in state.deployments()))
         raise PreconditionError(
             f"the state file says the current deployment is {current.version}, but the "
             f"{live} slot, which serves (as Caddy runs it), runs {runs}: the file is out of "
@@ -474,7 +474,7 @@ def named_target(env: Environment, state: states.DeploymentState,
     (exit 2), never a precondition met under the lock (found by review)."""
     target = state.find_version(ref)
     if target is None:
-        known = ", ".join(d.version for d in state.deployments()) or "none"
+        known = ", ".join(dict.fromkeys(d.version for d in state.deployments())) or "none"
         # a history entry another tool wrote badly may be the one meant: said beside the
         # typo's words, never taken for it (found by review: its refusal alone hid the typo)
         # every such entry: the one meant may be any of them (found by review: only the
