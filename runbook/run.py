@@ -492,7 +492,9 @@ def _release(env: Environment, held: locks.Lock, journal: Any,
             if held.cleared_copy:  # a takeover that changed nothing: the dead run's copy
                 journal.log("INFO", f"deploy lock: {held.cleared_copy}", step="unlock")
                 say(f"deploy lock: {held.cleared_copy}")
-            if held.unreleased_copy:  # found by review: unsaid, the Go CLI waited 30 min
+            # found by review: unsaid, the Go CLI waited 30 min (a corrupt file holds no copy
+            # anyone reads: its corruption was said instead)
+            if held.unreleased_copy and not held.state_warning:
                 left = (f"deploy lock: the state file {env.state_file} still says this run "
                         f"holds the lock ({held.unreleased_copy}): tools that read only that "
                         f"file (the Go CLI) wait until it expires (by "

@@ -580,6 +580,21 @@ def test_legacy_lock_is_judged_by_locked_at(env: Environment) -> None:
         acquire(env, "x", None)
 
 
+def test_a_live_legacy_lock_names_how_to_tell_its_run_is_gone(env: Environment) -> None:
+    """Found by review: the shell tooling's lock (only `locked_at`) refused every run and
+    unlock --force for up to 30 minutes, and no message said how to tell whether its deploy
+    still ran, or the way out when it does not. Both refusals name the check and the removal
+    by hand; the lock itself is never removed by the runbook."""
+    path = plant(env, age=120, legacy=True)
+    for refused in (lambda: acquire(env, "x", None), lambda: unlock(env, force=True)):
+        with pytest.raises(LockedError) as err:
+            refused()
+        fix = err.value.fix or ""
+        assert "pgrep -af deploy" in fix and f"rm -r {path}" in fix, fix
+        assert "expires in 28 min" in fix, fix
+    assert path.is_dir()
+
+
 def test_stale_legacy_lock_is_removed_and_its_mirror_cleared(env: Environment,
                                                              with_state: Path) -> None:
     state = json.loads(with_state.read_text())

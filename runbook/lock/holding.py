@@ -1115,6 +1115,14 @@ def _locked_error(env: Environment, current: LockStatus, *,
         fix = (f"its process {pid} is still running, so the lock is never removed, not even "
                f"with --force: if that run hangs, stop it (kill {pid}); its lock is then stale "
                "and the next run takes it over")
+    elif current.pid is None and current.source == "directory" and _expires(current):
+        # a shell tool's lock (only `locked_at`): nothing tells whether its run goes on, and
+        # on-call was left up to 30 minutes with no way out named (found by review)
+        fix = ("it names no process (a shell tool's lock holds only its `locked_at`), so "
+               "whether its run still goes on cannot be told: check that no deploy runs on "
+               "this host (`pgrep -af deploy`, `ps -ef`); if none does, remove it by hand "
+               f"(`rm -r {shlex.quote(str(current.path))}`) and run again; else wait for it to "
+               f"finish (it expires in {rough_duration(current.expires_in)})")
     elif unlocking:
         fix = ("a live lock is never removed, not even with --force: wait for that run to "
                "finish " + (f"(it expires in {rough_duration(current.expires_in)} if it "
