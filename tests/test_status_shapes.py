@@ -343,10 +343,7 @@ def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_sl
     [load] = _typed(said["fix"], shlex.join(env.caddy.command))
     assert load[-2:] == ["--address", where], load
     # as printed: each line the fix gives (kept where it stands), the admin line, the load
-    lines = on_disk.split("\n")
-    for number, written in re.findall(r"line (\d+): `([^`]*)`", said["fix"]):
-        old = lines[int(number) - 1]
-        lines[int(number) - 1] = old[:len(old) - len(old.lstrip())] + written
+    lines = with_printed_lines(on_disk, said["fix"]).split("\n")
     env.caddy.caddyfile.write_text(
         "\n".join(lines).replace(f"admin {where}", f"admin {admin}"))
     done = subprocess.run(load, capture_output=True, text=True, timeout=60, check=False)
@@ -358,6 +355,16 @@ def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_sl
         said["fix"]
     assert "names green while blue serves" in said["fix"], said
     assert said["fix"].index("line ") < said["fix"].index(f"`admin {admin}`"), said
+
+
+def with_printed_lines(text: str, fix: str) -> str:
+    """`text` with each `line N: `...`` a fix prints written in place of line N, kept where
+    it stands (its indentation), as on-call follows it."""
+    lines = text.split("\n")
+    for number, written in re.findall(r"line (\d+): `([^`]*)`", fix):
+        old = lines[int(number) - 1]
+        lines[int(number) - 1] = old[:len(old) - len(old.lstrip())] + written
+    return "\n".join(lines)
 
 
 def test_a_reload_a_fix_names_with_the_other_slot_in_the_file_keeps_the_serving_slot(
@@ -383,10 +390,7 @@ def test_a_reload_a_fix_names_with_the_other_slot_in_the_file_keeps_the_serving_
     [said] = [p for p in problems if p["check"] == "upstream_unresolved"]
     assert "reload Caddy" in said["fix"], said
     # as printed: each line the fix gives, that site's literal address, then the reload
-    lines = on_disk.split("\n")
-    for number, written in re.findall(r"line (\d+): `([^`]*)`", said["fix"]):
-        old = lines[int(number) - 1]
-        lines[int(number) - 1] = old[:len(old) - len(old.lstrip())] + written
+    lines = with_printed_lines(on_disk, said["fix"]).split("\n")
     env.caddy.caddyfile.write_text("\n".join(lines).replace(
         "{http.request.header.X-Up}", f"127.0.0.1:{closed_port()}"))
     reload = [*env.caddy.command, "reload", "--config",
