@@ -581,38 +581,28 @@ def _guard_lets(dep: states.Deployment, guard: Guard) -> tuple[bool | None, str]
     return True, ""
 
 
-def _build_to_run(prep: slots.Preparation) -> tuple[str | None, str]:
-    """(image id, name) of the build the target slot would run: compose's image for a
-    recreate (the id the plan shows), else the container's own build, as a start keeps it."""
-    if prep.action == "recreate":
-        name = prep.made or prep.image
-        return prep.build or docker.image_id(name), name
-    return prep.container.image_id, prep.container.image or prep.image
-
-
 def _refuse_another_build(env: Environment, state: states.DeploymentState,
                           target: states.Deployment, prep: slots.Preparation,
                           serving: docker.ContainerInfo, live: Slot, from_version: str,
                           guard: Guard) -> list[str]:
     """Refuse, before anything changes (exit 4), a target slot that would run (a start, a
     recreate, or kept running) a build whose `org.opencontainers.image.revision` label names
-    another commit than the state file records for the target, or the very build that
-    serves. Found by review (a docker-run host, its standby recreated by hand from a tag
-    moved to another build): the plan said "start the exited container", "schema guard
-    compatible", and the gate failed 30 s later; with the serving tag retagged and its
-    container recreated from it, the plan rolled back onto the build users already ran.
-    Neither the tag nor a container's name tells the build; its label and image id do. No
-    label (or `unknown`), or one the serving build shares (slots.label_shared: the plan's
-    warning returned): as before, the gate compares what the slot answers."""
-    build, name = _build_to_run(prep)
+    another commit than the state file records for the target (slots.labelled_another, which
+    the switch asks too), or the very build that serves. Found by review (a docker-run host,
+    its standby recreated by hand from a tag moved to another build): the plan said "start
+    the exited container", "schema guard compatible", and the gate failed 30 s later; with
+    the serving tag retagged and its container recreated from it, the plan rolled back onto
+    the build users already ran. No label (or `unknown`), or one the serving build shares
+    (slots.label_shared: the plan's warning returned): as before, the gate compares what the
+    slot answers."""
+    build, name = slots.build_to_run(prep)
     if build is None:
         return []
-    config = env.slot(prep.slot)
-    container = (f"slot {prep.slot}'s {prep.container.status} container "
-                 f"{prep.container.name} (made from {name})"
-                 if prep.action != "recreate" else f"{name}, which the recreate of {prep.slot}"
-                 " would run,")
     if serving.exists and serving.image_id == build:
+        container = (f"slot {prep.slot}'s {prep.container.status} container "
+                     f"{prep.container.name} (made from {name})"
+                     if prep.action != "recreate" else f"{name}, which the recreate of "
+                     f"{prep.slot} would run,")
         runs = serving.image or "an image it does not name"
         raise PreconditionError(
             f"the target would run the same build that serves: {container} holds build "
@@ -624,29 +614,14 @@ def _refuse_another_build(env: Environment, state: states.DeploymentState,
             f"it); to serve {from_version}'s recorded build again, put it back under {runs} "
             f"and deploy it ({compose.deploy_hint(env, from_version)}); to go further back, "
             "name another version with --to")
-    said = slots.build_commit(build, prep.container.labels
-                              if prep.action != "recreate" else None)
-    recorded = health.named_commit(target.git_commit)
-    if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
+    found = slots.labelled_another(env, prep, target, serving, state)
+    if found is None:
         return []
-    if slots.label_shared(serving, build, said, state):
-        return [slots.shared_label_said(said)]
-    cut = 7 if said[:7] != recorded[:7] else None  # never two alike
+    if isinstance(found, str):
+        return [found]
+    said, cut = found.said, found.cut
     holds = [d for d in state.deployments() if health.commits_differ(d.git_commit, said) is False]
     meant = max(holds, key=lambda d: d.deployed_at) if holds else None
-    rebuild = (f"put commit {recorded}'s build back under {name}: rebuild it (cd "
-               f"/opt/togather/src && git checkout {recorded} && docker build -f "
-               f"deploy/docker/Dockerfile --build-arg VERSION={target.version} --build-arg "
-               f"GIT_COMMIT={recorded} -t {name} .), or `docker tag` that build as {name} if "
-               "this host still has it")
-    if prep.action != "recreate":
-        rebuild += (f", then replace {config.container} (it serves no users) with a container "
-                    "of it: " + (f"`docker rm -f {config.container}` and the rollback "
-                                 "recreates it through compose"
-                                 if compose.can_recreate(env, prep.slot) else
-                                 "the way this host makes its slots (its `docker run` "
-                                 "command)"))
-    rebuild += "; then run the rollback again"
     if meant is None:
         other = f" (no deployment in the history records commit {said[:cut]})"
     elif meant.version == from_version:
@@ -660,27 +635,19 @@ def _refuse_another_build(env: Environment, state: states.DeploymentState,
                  f"is refused by the schema guard: {why})" if lets is False else
                  f"; or, if {meant.version}'s build (the one {name} holds) is meant, `{command}"
                  f" --dry-run` says whether the schema guard lets it run ({why})")
-    raise PreconditionError(
-        f"{container} holds commit {said[:cut]} (the {docker.REVISION_LABEL} label of its "
-        f"build {docker.short_id(build)}), but the state file records commit "
-        f"{recorded[:cut]} for {target.version} ({target.id}): the rollback would run "
-        "another build than the one recorded (its tag rebuilt or retagged since); nothing "
-        "was changed", rebuild + other)
+    raise PreconditionError(found.holds(target, "rollback"),
+                            slots.put_back(env, prep, name, target, "rollback") + other)
 
 
 def _expected_commit(target: states.Deployment, prep: slots.Preparation,
                      restored: bool) -> health.ExpectedCommit:
     """The commit the target's gate compares (the state file's record of it), and the fix
-    when the slot runs another: the recorded commit's build put back under the tag (the
-    gate's way out adds the other versions). `restored`: the run restores the database
-    before the gate, so its refusal never says nothing took effect."""
-    commit, image = target.git_commit, prep.made or prep.image
-    return health.ExpectedCommit(commit, f"the deployment it rolls back to ({target.id})", (
-        f"put commit {commit}'s build back under {image}: rebuild it (cd /opt/togather/src "
-        f"&& git checkout {commit} && docker build -f deploy/docker/Dockerfile --build-arg "
-        f"VERSION={target.version} --build-arg GIT_COMMIT={commit} -t {image} .), or "
-        f"`docker tag` that build as {image} if this host still has it; then run the "
-        "rollback again"), "traffic did not move" if restored else "nothing took effect")
+    when the slot runs another (the gate's way out adds the other versions). `restored`: the
+    run restores the database before the gate, so its refusal never says nothing took
+    effect."""
+    return slots.expected_commit(target, prep, f"the deployment it rolls back to ({target.id})",
+                                 "rollback", "traffic did not move" if restored
+                                 else "nothing took effect")
 
 
 def resume_command(env: Environment, version: str) -> str:

@@ -896,6 +896,101 @@ def shared_label_said(said: str) -> str:
             "target answers with the record")
 
 
+def build_to_run(prep: Preparation) -> tuple[str | None, str]:
+    """(image id, name) of the build the target slot would run: compose's image for a
+    recreate (the id the plan shows), else the container's own build, as a start keeps it."""
+    if prep.action == "recreate":
+        name = prep.made or prep.image
+        return prep.build or docker.image_id(name), name
+    return prep.container.image_id, prep.container.image or prep.image
+
+
+@dataclass(frozen=True)
+class AnotherBuild:
+    """What `labelled_another` found: the build the target slot would run names, by its
+    revision label, commit `said` where the state file records `recorded` for the deployment
+    the run records there. `cut`: how much of each to show (never two alike)."""
+
+    build: str
+    name: str
+    said: str
+    recorded: str
+    cut: int | None
+    container: str  # the plan's words for what would run it
+
+    def holds(self, target: states.Deployment, verb: str) -> str:
+        """The refusal's first part: `verb` is what the run would do (`rollback`, ...)."""
+        return (f"{self.container} holds commit {self.said[:self.cut]} (the "
+                f"{docker.REVISION_LABEL} label of its build {docker.short_id(self.build)}), "
+                f"but the state file records commit {self.recorded[:self.cut]} for "
+                f"{target.version} ({target.id}): the {verb} would run another build than the "
+                "one recorded (its tag rebuilt or retagged since); nothing was changed")
+
+
+def labelled_another(env: Environment, prep: Preparation, target: states.Deployment,
+                     serving: ContainerInfo | None,
+                     state: states.DeploymentState) -> AnotherBuild | str | None:
+    """Read before anything changes, by rollback and switch alike: whether the build the
+    target slot would run (a start, a recreate, or kept running) names by its
+    `org.opencontainers.image.revision` label another commit than the state file records
+    for `target`, the deployment the run records there. Neither the tag nor a container's
+    name tells the build; its label does. None: no label (or `unknown`), no recorded
+    commit, or the same; a str: a label the serving build shares (label_shared), the plan's
+    warning; else what differs, for the caller's refusal."""
+    build, name = build_to_run(prep)
+    if build is None:
+        return None
+    said = build_commit(build, prep.container.labels if prep.action != "recreate" else None)
+    recorded = health.named_commit(target.git_commit)
+    if said is None or recorded is None or health.commits_differ(recorded, said) is not True:
+        return None
+    if label_shared(serving, build, said, state):
+        return shared_label_said(said)
+    container = (f"slot {prep.slot}'s {prep.container.status} container "
+                 f"{prep.container.name} (made from {name})"
+                 if prep.action != "recreate" else f"{name}, which the recreate of {prep.slot}"
+                 " would run,")
+    return AnotherBuild(build, name, said, recorded, 7 if said[:7] != recorded[:7] else None,
+                        container)
+
+
+def put_back(env: Environment, prep: Preparation, name: str, target: states.Deployment,
+             verb: str, *, recreates: bool = True) -> str:
+    """The fix for a target slot holding another build than `target`'s record: that
+    commit's build back under `name`, and a standby kept from the other build replaced,
+    then the `verb` (`rollback`, `switch`) run again. `recreates`: the verb makes a removed
+    slot container again through compose (a rollback does; a switch refuses one, so its
+    fix names the compose command that makes it)."""
+    commit = health.named_commit(target.git_commit) or target.git_commit
+    fix = (f"put commit {commit}'s build back under {name}: rebuild it (cd /opt/togather/src "
+           f"&& git checkout {commit} && docker build -f deploy/docker/Dockerfile --build-arg "
+           f"VERSION={target.version} --build-arg GIT_COMMIT={commit} -t {name} .), or "
+           f"`docker tag` that build as {name} if this host still has it")
+    if prep.action != "recreate":
+        container = env.slot(prep.slot).container
+        fix += (f", then replace {container} (it serves no users) with a container of it: "
+                + ((f"`docker rm -f {container}` and the {verb} recreates it through "
+                    "compose" if recreates else
+                    f"`{compose.recreate_slot(env, prep.slot, prep.tag).display()}`")
+                   if compose.can_recreate(env, prep.slot) else
+                   "the way this host makes its slots (its `docker run` command)"))
+    return fix + f"; then run the {verb} again"
+
+
+def expected_commit(target: states.Deployment, prep: Preparation, recorded: str, verb: str,
+                    outcome: str = "nothing took effect") -> health.ExpectedCommit:
+    """The commit a gate compares (the state file's record of `target`, `recorded` saying
+    whose), and the fix when the slot runs another: the recorded commit's build put back
+    under the tag, then the `verb` run again."""
+    commit, image = target.git_commit, prep.made or prep.image
+    return health.ExpectedCommit(commit, recorded, (
+        f"put commit {commit}'s build back under {image}: rebuild it (cd /opt/togather/src "
+        f"&& git checkout {commit} && docker build -f deploy/docker/Dockerfile --build-arg "
+        f"VERSION={target.version} --build-arg GIT_COMMIT={commit} -t {image} .), or "
+        f"`docker tag` that build as {image} if this host still has it; then run the "
+        f"{verb} again"), outcome)
+
+
 def tag_holds_another(image: str, recorded: str,
                       shares: tuple[docker.ContainerInfo | None, states.DeploymentState]
                       | None = None) -> str | None:

@@ -151,6 +151,13 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                          claimed_by=f"{config.container} (its image)")
     observed = slots.Observed()
     version = info.tag
+    # the deployment whose record this switch carries onto `target` (its commit kept): the
+    # build the slot runs must be that one, as a rollback's must (found by review: a
+    # standby recreated from a rebuilt tag took users, and the record named the old commit).
+    # Not when Caddy already serves `target`: that switch moves nobody
+    carried = None if in_line else _carried(state, version)
+    if carried is not None:
+        warnings += _refuse_another_build(env, state, carried, prep, now.slot, version)
     served = _served_unrecorded(env, state, now.slot, target, version, schema,
                                 found is not None or repairing is not None)
     intent = intents.Intent(run_id=run_id, action="switch", environment=env.name,
@@ -214,7 +221,10 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
         slots.run_step(env, prep, observed,
                        again=f"runbook switch {command_arg(env)} --slot {target}"),
         slots.gate_step(env, target, force=options.force, expected_version=version,
-                        observed=observed),
+                        observed=observed,
+                        commit=slots.expected_commit(
+                            carried, prep, f"the deployment it switches to ({carried.id})",
+                            "switch") if carried is not None else None),
         switch,
         Step("state", "Record the switch in the deployment state",
              {"file": str(env.state_file), **recorded}, run=run_state, phase=Phase.FINISH),
@@ -230,6 +240,41 @@ def plan(env: Environment, options: Options, run_id: str) -> Plan:
                 replaces=repairing.intent if repairing is not None else old_record,
                 replaces_moved=repairing.moved if repairing is not None else False,
                 accepted_doubt=accepted)
+
+
+def _carried(state: states.DeploymentState, version: str) -> states.Deployment | None:
+    """The recorded deployment a switch to `version` records on its slot, keeping its commit
+    (recording.switched: the previous one, as a rollback, or the current one moved); None
+    when it records a new one, whose commit is the one the app names."""
+    current, previous = state.current, state.previous
+    if current is not None and previous is not None and previous.version == version:
+        return previous
+    return current if current is not None and current.version == version else None
+
+
+def _refuse_another_build(env: Environment, state: states.DeploymentState,
+                          carried: states.Deployment, prep: slots.Preparation,
+                          serving: Slot | None, version: str) -> list[str]:
+    """Refuse, before anything changes (exit 4), a target slot whose build names by its
+    revision label another commit than the record the switch carries onto it, as a rollback
+    refuses it (slots.labelled_another). Found by review: a standby recreated from a rebuilt
+    tag was switched to, exit 0, and the state file recorded the old commit for the build
+    users then ran. A label the serving build shares: the plan's warning, and the gate
+    compares the commit the slot answers."""
+    try:
+        theirs = docker.inspect(env.slot(serving).container) if serving is not None else None
+    except RunbookError:
+        theirs = None
+    found = slots.labelled_another(env, prep, carried, theirs, state)
+    if found is None:
+        return []
+    if isinstance(found, str):
+        return [found]
+    raise PreconditionError(
+        found.holds(carried, "switch"),
+        slots.put_back(env, prep, found.name, carried, "switch", recreates=False)
+        + f"; or, if the build {found.name} holds is meant, record what runs as a new "
+          f"deployment: {compose.deploy_hint(env, version)}")
 
 
 def _served_unrecorded(env: Environment, state: states.DeploymentState, serving: Slot | None,

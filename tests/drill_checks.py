@@ -653,3 +653,16 @@ def bridge_gateway() -> str:
                            "gw.test:host-gateway", "--entrypoint", "getent", images.LOCAL_POSTGRES,
                            "ahostsv4", "gw.test"], check=True, capture_output=True, text=True)
     return done.stdout.split()[0]
+
+
+def rebuilt_as(stack: DrillStack, tag: str, base: str, revision: str | None = None) -> str:
+    """A build of `base` that answers as version `tag` (`togather-server:<tag>`), as a
+    rebuild from other code under the same APP_VERSION leaves it; returns its image id. It
+    keeps `base`'s org.opencontainers.image.revision label, unless `revision` names another
+    (`unknown`: a build that names no commit, as the upstream Dockerfile's default)."""
+    moved = f"{stack.env.compose.image_repository}:{tag}"
+    label = (f"LABEL {docker.REVISION_LABEL}={revision}\n" if revision is not None else "")
+    subprocess.run(["docker", "build", "-q", "-t", moved, "-"], text=True,
+                   input=f"FROM {base}\nENV APP_VERSION={tag}\n{label}", capture_output=True,
+                   check=True, timeout=300)
+    return docker.image_id(moved) or ""

@@ -55,6 +55,7 @@ from tests.drill_checks import (
     compose_naming,
     migrated,
     owned_by_a_role,
+    rebuilt_as,
     reporting_schema,
     retag,
     runbook_cli,
@@ -1074,19 +1075,6 @@ def test_a_standby_whose_tag_moved_since_is_started_as_it_ran_and_the_plan_says_
         assert through_proxy(env) == ("green", tag)
     finally:
         stack.docker("rmi", "--no-prune", moved, check=False)
-
-
-def rebuilt_as(stack: DrillStack, tag: str, base: str, revision: str | None = None) -> str:
-    """A build of `base` that answers as version `tag` (`togather-server:<tag>`), as a
-    rebuild from other code under the same APP_VERSION leaves it; returns its image id. It
-    keeps `base`'s org.opencontainers.image.revision label, unless `revision` names another
-    (`unknown`: a build that names no commit, as the upstream Dockerfile's default)."""
-    moved = f"{stack.env.compose.image_repository}:{tag}"
-    label = (f"LABEL {docker.REVISION_LABEL}={revision}\n" if revision is not None else "")
-    subprocess.run(["docker", "build", "-q", "-t", moved, "-"], text=True,
-                   input=f"FROM {base}\nENV APP_VERSION={tag}\n{label}", capture_output=True,
-                   check=True, timeout=300)
-    return docker.image_id(moved) or ""
 
 
 def gate_note(env: Environment) -> str:
