@@ -250,14 +250,17 @@ def rolled_back(fresh: states.DeploymentState, intent: intents.Intent,
     record names none (`target_schema`): what a later guard reads instead of guessing; and
     the one rolled back from with the schema it served on (`from_schema`), likewise."""
     slot = intent.target
-    served_id = intent.record.get("from_id")
-    served = fresh.find_id(str(served_id)) if served_id else None
+    served = deployment_of(fresh, intent, "from")
     if served is not None and served.id == target.id:
         served = None
     current = fresh.current
+    previous = fresh.previous
+    # already recorded: the one rolled back from marked so, or, its `status` dropped by the
+    # Go CLI's rewrite since, the target carrying the runbook rollback's Go keys
     if current is not None and current.id == target.id and current.active_slot == slot and (
-            served is None or (fresh.previous is not None and fresh.previous.id == served.id
-                               and fresh.previous.status == "rolled_back")):
+            served is None or (previous is not None and previous.id == served.id and (
+                previous.status == "rolled_back" or (previous.status is None
+                                                     and states.rolled_back_to(current))))):
         return None
     if served is None and current is not None and current.id == target.id:
         # the file called the target current and what served is not known: it now serves,
@@ -278,8 +281,8 @@ def schema_line(fresh: states.DeploymentState, new: states.DeploymentState | Non
     for the deployment users were moved off (`from_schema`), shown alike by the plan and the
     journal: read from what `new` holds, so it is said only where it is written; empty when
     none is."""
-    served_id = intent.record.get("from_id")
-    served = fresh.find_id(str(served_id)) if served_id else None
+    served = deployment_of(fresh, intent, "from") if intent.action == "rollback" else (
+        fresh.find_id(str(served_id)) if (served_id := intent.record.get("from_id")) else None)
     schema = _count(intent.record.get("from_schema"))
     written = new.find_id(served.id) if new is not None and served is not None else None
     if served is None or served.migration_version is not None or schema is None \
@@ -304,7 +307,7 @@ def rollback(env: Environment, intent: intents.Intent, observed: slots.Observed,
     """Write the rollback into the state file; a no-op when it is already there, so a rerun
     after an interruption converges instead of rolling back again."""
     fresh = load_or_empty(env)  # removed since the run began: its target is gone, below
-    target = fresh.find_id(str(intent.record["target_id"]))
+    target = deployment_of(fresh, intent, "target")
     if (why := _as_switch(env, fresh, intent, target)) is not None or target is None:
         # another tool rewrote (or removed) the state file meanwhile: traffic moved and was
         # verified, so what runs is recorded as a switch does (by version). Refused, every
@@ -346,7 +349,7 @@ def preview(env: Environment, intent: intents.Intent, observed: slots.Observed,
     else:  # a rollback (finish.plan_for's default), by its target's id; gone from the file
         fresh = load_or_empty(env)  # (or the file gone), it is recorded as a switch (above)
         if intent.action != "switch":
-            target = fresh.find_id(str(intent.record["target_id"]))
+            target = deployment_of(fresh, intent, "target")
             recorded_as = _as_switch(env, fresh, intent, target)
         if intent.action != "switch" and recorded_as is None and target is not None:
             new = rolled_back(fresh, intent, target, run_id=run_id,
@@ -375,11 +378,33 @@ def _as_switch(env: Environment, fresh: states.DeploymentState, intent: intents.
     if target is None:
         return (f"a switch to {intent.to_version}: deployment {intent.record['target_id']} is "
                 f"no longer in {env.state_file} {gone}")
-    served_id = intent.record.get("from_id")
-    if fresh.current is None and not (served_id and fresh.find_id(str(served_id))):
+    if fresh.current is None and deployment_of(fresh, intent, "from") is None:
         return (f"a switch to {intent.to_version}: {env.state_file} no longer records the "
                 f"deployment it was rolled back from {gone}")
     return None
+
+
+def deployment_of(fresh: states.DeploymentState, intent: intents.Intent,
+                  which: str) -> states.Deployment | None:
+    """A rollback's target (`which` "target") or the deployment it rolled back from ("from")
+    in the file as read now: by the id its record names, else by the content key (version,
+    commit, deployment time) it recorded beside it, else, for a record without keys (an
+    older version's), by its version where one deployment alone holds it. The Go CLI's
+    rewrite drops every id (its own rollback too, which swaps current and previous): found
+    by id only, the finish of an interrupted rollback was recorded as a switch, "already
+    recorded", the one rolled back from left unmarked, and the next rollback went forward
+    to it (found by review)."""
+    record = intent.record
+    if (wanted := record.get(f"{which}_id")) and (dep := fresh.find_id(str(wanted))):
+        return dep
+    every = [d for d in (fresh.current, fresh.previous, *fresh.history) if d is not None]
+    if (key := record.get(f"{which}_key")) is not None:
+        return next((d for d in every if states.content_key(d) == key), None)
+    if which == "from" and not record.get("from_id"):
+        return None  # nothing served by a record (none was known when it was planned)
+    version = intent.to_version if which == "target" else intent.from_version
+    found = {d.id: d for d in every if d.version == version}
+    return next(iter(found.values())) if version and len(found) == 1 else None
 
 
 def _runs_instead(env: Environment, target: states.Deployment,

@@ -892,6 +892,10 @@ def plan(env: Environment, options: Options, run_id: str, *, tools: bool = True)
         "target_id": target.id,
         # what served: the state step rolls back from it (recording.py)
         **({"from_id": served.id} if served is not None else {}),
+        # their content keys (version, commit, deployment time): how the state step still
+        # finds them after another tool's rewrite dropped the ids (recording.deployment_of)
+        "target_key": states.content_key(target),
+        **({"from_key": states.content_key(served)} if served is not None else {}),
         "gated": not options.force,  # for its finish (finish.py)
         # the schema the guard checked, recorded for the target
         **({"target_schema": guard.schema} if guard.schema is not None else {}),

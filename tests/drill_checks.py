@@ -376,37 +376,59 @@ GO_CLI_DEPLOYMENT_KEYS = ("version", "deployed_at", "git_commit", "docker_image"
                           "deployed_by", "snapshot_path", "rollback", "rollback_id")
 
 
+def _through_go_struct(dep: Any) -> Any:
+    """One deployment as the Go CLI writes it back: only its struct's keys (no `id`, no
+    `status`, `slot` for `active_slot`), its times in RFC3339Nano (trailing zeros trimmed)."""
+    if not isinstance(dep, dict):
+        return dep
+    out = {k: v for k, v in dep.items() if k in GO_CLI_DEPLOYMENT_KEYS}
+    out.setdefault("slot", dep.get("active_slot", ""))
+    # RFC3339Nano: the fraction's trailing zeros trimmed, the offset kept as read (found
+    # by review: an offset time became `...10293-05:Z`)
+    when = re.fullmatch(r"(?P<head>[^.]+?)(?:\.(?P<frac>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)",
+                        str(dep["deployed_at"]))
+    assert when is not None, dep["deployed_at"]
+    frac = (when["frac"] or "").rstrip("0")
+    out["deployed_at"] = f"{when['head']}{'.' + frac if frac else ''}{when['zone']}"
+    return out
+
+
+def _go_rewrite(doc: dict[str, Any]) -> None:
+    for key in ("current_deployment", "previous_deployment"):
+        doc[key] = _through_go_struct(doc.get(key))
+    doc["deployment_history"] = [_through_go_struct(d) for d in doc.get("deployment_history")
+                                 or []]
+
+
+_GO_LOCK_RELEASED = {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
+                     "expires_at": "0001-01-01T00:00:00Z"}
+
+
 def go_cli_takes_and_releases_the_lock(state_file: Path) -> None:
     """What the Go CLI leaves after a run that changes no deployment (it takes the state
     file's lock and releases it): two rewrites through its structs, which have no `id`, no
     `active_slot`, none of another tool's keys, its times in RFC3339Nano (trailing zeros
     trimmed), its lock zeroed when released."""
     doc = json.loads(state_file.read_text())
-
-    def go(dep: Any) -> Any:
-        if not isinstance(dep, dict):
-            return dep
-        out = {k: v for k, v in dep.items() if k in GO_CLI_DEPLOYMENT_KEYS}
-        out.setdefault("slot", dep.get("active_slot", ""))
-        # RFC3339Nano: the fraction's trailing zeros trimmed, the offset kept as read (found
-        # by review: an offset time became `...10293-05:Z`)
-        when = re.fullmatch(r"(?P<head>[^.]+?)(?:\.(?P<frac>\d+))?(?P<zone>Z|[+-]\d\d:\d\d)",
-                            str(dep["deployed_at"]))
-        assert when is not None, dep["deployed_at"]
-        frac = (when["frac"] or "").rstrip("0")
-        out["deployed_at"] = f"{when['head']}{'.' + frac if frac else ''}{when['zone']}"
-        return out
-
-    for key in ("current_deployment", "previous_deployment"):
-        doc[key] = go(doc.get(key))
-    doc["deployment_history"] = [go(d) for d in doc.get("deployment_history") or []]
+    _go_rewrite(doc)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 600))
     doc["lock"] = {"locked": True, "locked_by": "ci@build-runner", "locked_at": now,
                    "expires_at": later, "reason": "status check"}
     state_file.write_text(json.dumps(doc, indent=2))
-    doc["lock"] = {"locked": False, "locked_at": "0001-01-01T00:00:00Z",
-                   "expires_at": "0001-01-01T00:00:00Z"}
+    doc["lock"] = dict(_GO_LOCK_RELEASED)
+    state_file.write_text(json.dumps(doc, indent=2))
+
+
+def go_cli_rollback(state_file: Path) -> None:
+    """The Go CLI's `rollback` (CONTRACTS.md): it swaps current and previous in the state
+    file and does nothing else (no container, no Caddy, no lock taken), the file rewritten
+    through its structs (as go_cli_takes_and_releases_the_lock), its lock zeroed."""
+    doc = json.loads(state_file.read_text())
+    doc["current_deployment"], doc["previous_deployment"] = (doc.get("previous_deployment"),
+                                                             doc.get("current_deployment"))
+    _go_rewrite(doc)
+    doc["lock"] = dict(_GO_LOCK_RELEASED)
     state_file.write_text(json.dumps(doc, indent=2))
 
 

@@ -52,6 +52,7 @@ from runbook.times import parse_utc
 from tests.drill_checks import (
     Poller,
     closed_port,
+    go_cli_rollback,
     go_cli_takes_and_releases_the_lock,
     wait_stopped,
 )
@@ -327,6 +328,71 @@ def test_a_run_killed_holding_the_lock_whose_copy_the_go_cli_stripped_is_finishe
     assert through_proxy(env) == ("green", V2.tag)
     assert not env.lock_path.exists()
     assert states.read_state(env.state_file).lock == {"locked": False}
+
+
+@pytest.mark.parametrize("older_record", [False, True], ids=["record", "older-record"])
+def test_a_killed_rollback_finished_after_the_go_clis_rollback_never_rolls_forward(
+        stack: DrillStack, older_record: bool) -> None:
+    """Found by review (HIGH): v2 then v3 deployed by the runbook, a rollback to v2 killed
+    once Caddy served green, then the Go CLI's `rollback` (it swaps current and previous,
+    rewriting the file through its structs: every id and `status` dropped). The finish
+    found its target by id only: recorded "as a switch", "already recorded", v3 left
+    unmarked, status found no problem, and the next `runbook rollback` put v3 back in front
+    of users, exit 0. The finish knows from its own record that it rolled back from v3 to
+    v2: it records that (v3 `rolled_back`, v2 carrying the rollback's Go keys), and the
+    next rollback is refused (exit 4, naming --to). `older_record`: the killed run's record
+    as the version before this one wrote it (no content keys: found by version). The
+    oracle: the proxy's answers (a user polling throughout), the file's own JSON."""
+    stack.reset()  # v1 serving from blue
+    env = stack.env
+    for version in (V2, V3):
+        done = cli(env, "deploy", "--version", version.tag, "--yes", timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert through_proxy(env) == ("blue", V3.tag)
+    with Poller(env) as user:
+        killed = cli(env, "rollback", "--yes", fault="switch.after-reload:SIGKILL")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert through_proxy(env) == ("green", V2.tag)
+        moved_at = time.time()
+        if older_record:
+            kept_intent = json.loads(intents.path(env).read_text())
+            for key in ("target_key", "from_key"):
+                kept_intent["record"].pop(key, None)
+            intents.path(env).write_text(json.dumps(kept_intent))
+        go_cli_rollback(env.state_file)
+        doc = json.loads(env.state_file.read_text())  # the premise: the Go CLI's rewrite
+        assert doc["current_deployment"]["version"] == V2.tag, doc
+        assert doc["previous_deployment"]["version"] == V3.tag, doc
+        assert not any("id" in d or "status" in d for d in (doc["current_deployment"],
+                                                            doc["previous_deployment"])), doc
+        unfinished = cli(env, "status")
+        assert "unfinished" in unfinished.stdout + unfinished.stderr, unfinished.stdout
+        finished = cli(env, "rollback", "--yes")
+        said = finished.stdout + finished.stderr
+        assert finished.returncode == 0, said
+        assert through_proxy(env) == ("green", V2.tag)
+        doc = json.loads(env.state_file.read_text())
+        cur, prev = doc["current_deployment"], doc["previous_deployment"]
+        assert (cur["version"], cur.get("active_slot", cur.get("slot")), cur.get("status")) == (
+            V2.tag, "green", "active"), doc
+        assert cur["rollback"] is True and str(cur["rollback_id"]).startswith("rbk_"), doc
+        assert (prev["version"], prev.get("status")) == (V3.tag, "rolled_back"), doc
+        status = cli(env, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        previous = [line for line in status.stdout.splitlines()
+                    if line.strip().startswith("previous")]
+        assert len(previous) == 1 and V3.tag in previous[0], status.stdout
+        assert "rolled_back" in previous[0] or "rolled back from" in previous[0], status.stdout
+        written = env.state_file.read_bytes()
+        again = cli(env, "rollback", "--yes")
+        said = again.stdout + again.stderr
+        assert again.returncode == 4, said
+        assert f"--to {V3.tag}" in said, said
+        assert through_proxy(env) == ("green", V2.tag)
+        assert env.state_file.read_bytes() == written
+        time.sleep(0.2)
+    assert not user.failures, user.failures
+    assert not [s for s in user.seen if s[0] >= moved_at and s[2] == V3.tag], user.seen[-5:]
 
 
 def test_a_switch_records_its_new_deployment_under_the_id_its_log_lines_carry(

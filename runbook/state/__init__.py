@@ -30,6 +30,7 @@ from runbook.state.model import (
     format_time,
     new_id,
     parse_time,
+    rolled_back_to,
 )
 from runbook.state.reader import (
     NoStateFile,
@@ -100,6 +101,7 @@ __all__ = [
     "read_lock",
     "read_or_absent",
     "read_state",
+    "rolled_back_to",
     "to_json",
     "with_lock",
     "write_state",

@@ -31,7 +31,7 @@ def new_id(prefix: str) -> str:
 _RUNBOOK_ROLLBACK_ID = re.compile(r"rbk_[0-9a-f]{16}_[0-9a-f]{24}")
 
 
-def _rolled_back_to(dep: Deployment) -> bool:
+def rolled_back_to(dep: Deployment) -> bool:
     """Whether a runbook rollback made `dep` current, by the Go CLI's keys it recorded with it
     (`rollback`, `rollback_id`): the Go CLI keeps those and drops `status`, so after it
     rewrote the file the previous deployment no longer said `rolled_back`, and a rollback
@@ -188,12 +188,12 @@ class DeploymentState:
         a plain rollback to it would go forward (an older one marked so, users switched
         forward by hand since, is a real rollback). Marked so by its `status`, or, where the
         Go CLI rewrote the file without it, by the runbook rollback recorded on the current
-        one (_rolled_back_to). runbook rollback refuses it, status's fixes and the fleet's
+        one (rolled_back_to). runbook rollback refuses it, status's fixes and the fleet's
         pre-flight say so."""
         previous, current = self.previous, self.current
         if previous is None or current is None or not (
                 previous.status == "rolled_back"
-                or (previous.status is None and _rolled_back_to(current))):
+                or (previous.status is None and rolled_back_to(current))):
             return None
         return previous if previous.deployed_at > current.deployed_at else None
 
