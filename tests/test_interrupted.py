@@ -2086,8 +2086,9 @@ def test_a_killed_deploy_is_finished_writing_exactly_what_its_plan_says(
 def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_its_plan_says(
         stack: DrillStack, rewrite: str) -> None:
     """A rollback killed (-9) at its commit point, then another tool rewrote the state file
-    without the target's record: every v2 record removed, v2 recorded as the previous under
-    another id, or the whole file deleted; or without what it rolled back from (no current,
+    without the target's record: every v2 record removed, or the whole file deleted (v2
+    recorded as the previous under another id is found by its content key: recorded as the
+    rollback it was); or without what it rolled back from (no current,
     v3's record removed, v2 kept as the previous). The next `runbook rollback` records what
     runs as a switch does, and the state file read back holds, field by field, what its
     finish plan said it would write; the plan says it is recorded as a switch. Found by this
@@ -2115,7 +2116,14 @@ def test_a_killed_rollback_whose_target_is_gone_from_the_state_file_writes_what_
             st, previous=st.previous.with_(id="dep_rewritten"), history=others))
     already, recorded_as = _finished_as_planned(env, "rollback")
     assert not already
-    assert recorded_as is not None and recorded_as.startswith(f"a switch to {V2.tag}")
+    if rewrite == "renamed":  # found by its content key (version, commit, time): a rollback
+        assert recorded_as is None
+        done = states.read_state(env.state_file)
+        assert done.current is not None and done.current.version == V2.tag
+        assert done.previous is not None and (done.previous.version, done.previous.status) == (
+            V3.tag, "rolled_back")
+    else:
+        assert recorded_as is not None and recorded_as.startswith(f"a switch to {V2.tag}")
     assert through_proxy(env) == ("green", V2.tag)
 
 
