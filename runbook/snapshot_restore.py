@@ -411,6 +411,9 @@ def restore_steps(env: Environment, run: RestoreRun,
     def check(ctx: StepContext) -> None:
         try:
             ctx.note(found=check_matches(env, run))
+            if run.written_since:  # a live writer, never a failed restore (review H2)
+                ctx.note(written_since=run.written_since)
+                ctx.notice(run.written_since)
         except RunbookError as exc:
             # the run's final fix is the check's, said once: the one do_restore registered
             # (switch to the target, start the slots) starts the app on data it doubts
@@ -528,7 +531,9 @@ def restore_steps(env: Environment, run: RestoreRun,
             # snapshots/give_back.py: recorded by the prelude, before its DROPs
             "stdin, last": "the owners and GRANTs of what the prelude dropped, given back to "
                            "what the snapshot made again under the same name (each statement "
-                           "refused is named at the end, never fails the restore), then COMMIT",
+                           "refused is named at the end, never fails the restore), then the "
+                           "row counts the snapshot recorded, counted in the same transaction "
+                           "(a mismatch rolls the restore back), then COMMIT",
             "on failure": "psql rolls back: the database stays exactly as it was; once COMMIT "
                           "is sent, Postgres is asked whether it committed (txid_status): "
                           "unknown leaves the app slots stopped",

@@ -2594,11 +2594,15 @@ def test_a_restore_that_does_not_match_its_snapshot_ends_with_the_checks_own_fix
         stack: DrillStack) -> None:
     """Found by review: when the row counts after the replay differ from the snapshot's,
     the check says "do not start the app on it", and the run's final fix then said to
-    `runbook switch` to the target, which starts the app on it. A row written by another
-    session right after the restore makes the counts differ."""
+    `runbook switch` to the target, which starts the app on it. A table another session
+    makes right after the restore makes the database differ (a row it only adds is a live
+    writer's, said as that: review H2)."""
     def write_one() -> None:
         with stack.connect() as conn:
             conn.execute("INSERT INTO items (name) VALUES ('written-after-the-restore')")
+            # a row that only adds is a live writer's, never a failed check (review H2): a
+            # table the snapshot does not hold is
+            conn.execute("CREATE TABLE written_after_the_restore (id int)")
 
     code, said = _stopped_after_the_restore(stack, write_one)
     env = stack.env
@@ -2637,11 +2641,14 @@ def test_the_switch_a_failure_past_the_restore_names_starts_the_stopped_target(
 
 
 def _restored_but_not_matching(stack: DrillStack) -> str:
-    """A rollback whose restore is followed by a write from another session (the row counts
-    then differ from the snapshot's): exit 5, both slots stopped, Caddy on green."""
+    """A rollback whose restore is followed by another session's table (the database then
+    differs from the snapshot): exit 5, both slots stopped, Caddy on green."""
     def write_one() -> None:
         with stack.connect() as conn:
             conn.execute("INSERT INTO items (name) VALUES ('written-after-the-restore')")
+            # a row that only adds is a live writer's, never a failed check (review H2): a
+            # table the snapshot does not hold is
+            conn.execute("CREATE TABLE written_after_the_restore (id int)")
 
     code, said = _stopped_after_the_restore(stack, write_one)
     assert code == int(ExitCode.ATTENTION), said

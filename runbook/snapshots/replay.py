@@ -88,6 +88,8 @@ class RestoreRun:
     # a standalone restore's running standby whose code ran with another schema than the
     # snapshot's: stopped with the others, never started again on it (container: why)
     unfit: dict[str, str] = field(default_factory=dict)
+    # rows another session wrote after the restore's COMMIT, seen by check_matches
+    written_since: str | None = None
 
 
 # Every schema left once the dump's own are dropped was made after the snapshot (a migration's
@@ -339,6 +341,9 @@ def replay(env: Environment, verified: Verified,
             if problem is None and not stopped_reading and proc.poll() is None:
                 with contextlib.suppress(OSError):  # psql gone: its exit code says why
                     proc.stdin.write(give_back.GIVE_BACK)  # owners and GRANTs, then COMMIT
+                    # the check, before COMMIT: a mismatch rolls the restore back, and what
+                    # another session commits after it cannot fail it (review H2)
+                    proc.stdin.write(in_transaction_check(snap))
                     proc.stdin.flush()
                 txid = _wait_txid(out, proc)
                 if txid is None and proc.poll() is None:
@@ -474,11 +479,68 @@ def transaction_outcome(env: Environment, txid: int,
         time.sleep(0.2)
 
 
+MISMATCH_MARK = "runbook: the restored database does not match the snapshot: "
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def in_transaction_check(snap: Snapshot) -> bytes:
+    """The row counts the sidecar recorded, compared inside the restore's own transaction,
+    right before COMMIT: the tables it created are invisible to every other session until
+    then, so the count is the dump's alone. A mismatch raises, psql stops (ON_ERROR_STOP)
+    and rolls back: the database stays as it was. Counted after COMMIT instead, a writer
+    that connects for each INSERT (a cron job) wrote in between, and the check failed a
+    restore that was exact, with the app left stopped (review H2). Empty when the sidecar
+    recorded no counts (the check after the commit says so)."""
+    if not snap.tables:
+        return b""
+    checks = []
+    keys = []
+    for key, stats in sorted(snap.tables.items()):
+        schema, _, table = key.rpartition(".")
+        qualified = f"{_ident(schema or 'public')}.{_ident(table)}"
+        keys.append(_literal(f"{schema or 'public'}.{table}"))
+        checks.append(
+            f"IF to_regclass({_literal(qualified)}) IS NULL THEN problems := problems || "
+            f"format('table %s is missing', {_literal(key)}); ELSE EXECUTE "
+            f"{_literal('SELECT count(*) FROM ' + qualified)} INTO counted; "
+            f"IF counted <> {int(stats.rows)} THEN problems := problems || "
+            f"format('%s has %s rows, the snapshot recorded %s', "
+            f"{_literal(key)}, counted, {int(stats.rows)}); END IF; END IF;")
+    extra = (
+        "SELECT string_agg(CASE WHEN n.nspname = 'public' THEN c.relname::text ELSE "
+        "n.nspname || '.' || c.relname END, ', ') INTO others FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT "
+        "c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND "
+        "n.nspname NOT LIKE 'pg\\_%' AND n.nspname || '.' || c.relname NOT IN ("
+        + ", ".join(keys) + "); IF others IS NOT NULL THEN problems := problems || "
+        "('tables not in the snapshot: ' || others); END IF;")
+    body = (
+        "DO $runbook$ DECLARE counted bigint; others text; problems text[] := '{}'; BEGIN "
+        + " ".join(checks) + " " + extra
+        + " IF cardinality(problems) > 0 THEN RAISE EXCEPTION '%', "
+        + _literal(MISMATCH_MARK) + " || array_to_string(problems, '; '); END IF; "
+        "END $runbook$;\n")
+    return body.encode()
+
+
 def check_matches(env: Environment, run: RestoreRun) -> str:
-    """After the replay: schema_migrations and every recorded row count match the snapshot."""
+    """After the replay: schema_migrations and every recorded row count match the snapshot.
+
+    The row counts were proved inside the restore's transaction (in_transaction_check);
+    counted again here, after COMMIT, a table that only grew is another session's writes
+    since the commit (a worker, a cron job), said as that in `run.written_since`, never a
+    failed restore: one did stop the service for a restore that was exact (review H2)."""
     schema, stats = current_state(env)
     want = run.verified
     problems = []
+    grew = []
     if (schema.version, schema.dirty) != (want.migration_version, want.dirty):
         problems.append(f"schema_migrations is {schema.describe()}, the snapshot holds "
                         f"{want.migration_version}{' (dirty)' if want.dirty else ''}")
@@ -486,8 +548,16 @@ def check_matches(env: Environment, run: RestoreRun) -> str:
         now = stats.get(table)
         if now is None:
             problems.append(f"table {table} is missing")
+        elif now.rows > old.rows and run.restored:
+            grew.append(f"{table} {now.rows - old.rows}")
         elif now.rows != old.rows:
             problems.append(f"{table} has {now.rows} rows, the snapshot recorded {old.rows}")
+    if grew:
+        run.written_since = (
+            "the restore's own transaction matched every recorded row count before its "
+            "COMMIT; since then another session wrote rows (" + ", ".join(grew) + "): a "
+            "writer other than the app slots is live on the database (a worker, a cron job): "
+            "its writes are in the restored database")
     extra = sorted(set(stats) - set(run.snapshot.tables)) if run.snapshot.tables else []
     if extra:
         problems.append("tables not in the snapshot: " + ", ".join(extra))
