@@ -492,7 +492,7 @@ def restore_steps(env: Environment, run: RestoreRun,
                 "stopped)" if standalone and keep_stopped else
                 "from here until the app containers are started again (the last step)"
                 if standalone else "from here until the switch")
-            + ": the one step allowed to stop the serving slot, so no write is lost during "
+            + ": the one step allowed to stop the serving slot, so no app write is lost during "
               "the restore",
         # a Ctrl-C or a closed terminal while Docker stops a slot is held until the stops
         # end (found by review): Docker finishes a stop it has begun, and an undo run at once
@@ -502,12 +502,19 @@ def restore_steps(env: Environment, run: RestoreRun,
             "folder": str(env.database.snapshot_dir),
             "command": commands.dump(tgt, "<exported snapshot>",
                                      into=f"{env.database.snapshot_dir}/<new>.sql.gz").describe(),
-            "taken": "once no app writes (after the stop): every write is in it or in the "
-                     "database, none is lost between the two",
-            "other sessions": "none may be connected to the database (waited for up to "
+            # only what is proved (review H1): the sessions are sampled, and a writer that
+            # connects for each write (a cron job's `psql -c`) can fall between the samples
+            "taken": "once no app writes (after the stop): every write of the app slots is "
+                     "in it or in the database, none is lost between the two",
+            "other sessions": "none may be seen connected to the database (sampled until "
+                              f"none is seen for {sessions.SETTLE:g} s, for up to "
                               f"{sessions.WAIT:g} s): "
                               + ("they are ended (--end-sessions)" if end_sessions else
-                                 "refused, naming them (--end-sessions ends them)"),
+                                 "refused, naming them (--end-sessions ends them)")
+                              + "; a writer that connects only for a moment (a cron job's "
+                                "`psql -c`) can fall between the samples: what it writes "
+                                "while this snapshot is taken is in neither it nor the "
+                                "restored database, so stop such writers first",
             "on failure": "the app slots are started again; the database was not touched",
             **({"the data from before": f"{killed['safety']}: the data from before the "
                                            f"restore of the run {killed['run_id']} (started "
@@ -524,8 +531,9 @@ def restore_steps(env: Environment, run: RestoreRun,
         Step("restore-database", f"Replace the database with {snapshot.name} in one transaction", {
             "psql": commands.replay(tgt, str(snapshot.path)).describe(),
             "stdin, first": prelude(verified).decode().replace("\n", " ").strip(),
-            "other sessions": "once its DROPs hold every table, a session connected since "
-                              "the safety snapshot rolls the restore back (up to 3 s wait)",
+            "other sessions": "once its DROPs hold every table, a session seen connected "
+                              "rolls the restore back (up to 3 s wait); one that connects "
+                              "only for a moment may not be seen",
             "stdin, then": f"{snapshot.path}, decompressed in-process (sha256 checked while "
                            "streaming)",
             # snapshots/give_back.py: recorded by the prelude, before its DROPs

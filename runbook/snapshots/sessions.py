@@ -14,6 +14,12 @@ nothing. One the runbook cannot tell from theirs (a client through the published
 at Docker's gateway address) is named in the plan's warnings instead (`unproven_warning`):
 the check after the stop still refuses it should it outlive the stop.
 
+Both checks sample pg_stat_activity: a writer that connects only for a moment for each
+write (a cron job's `psql -c "INSERT ..."`) can fall between the samples, and what it writes
+while the safety snapshot is taken is then in neither it nor the restored database. The plan
+says so; proving that nothing committed since the safety snapshot's export (review H1) is
+not done here.
+
 A session of another role is shown to a user without pg_read_all_stats with its details
 hidden (backend_type too); it is counted, never guessed away: fail closed.
 """
