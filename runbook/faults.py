@@ -2,8 +2,9 @@
 
 Only an environment that `allows_faults` (a drill stack) honours them: on any other
 environment `point()` returns at once, whatever the process environment says. A fault is
-`RUNBOOK_DRILL_FAULT=<point>:<SIGNAL>`, e.g. `switch.after-reload:SIGKILL`: when the run
-reaches that point it sends itself the signal, as an operator or the OOM killer would.
+`RUNBOOK_DRILL_FAULT=<point>:<SIGNAL>` (several: comma-separated), e.g.
+`switch.after-reload:SIGKILL`: when the run reaches that point it sends itself the signal,
+as an operator or the OOM killer would.
 Points: `before:<step>` and `after:<step>` for every executed step, and inside the switch
 `switch.after-write`, `switch.after-reload`, `switch.after-verify`, and `state.before-rename`;
 inside a restore's replay `restore.mid-stream` and `restore.before-commit`, and in its check,
@@ -26,9 +27,10 @@ VARIABLE = "RUNBOOK_DRILL_FAULT"
 def point(env: Environment, name: str) -> None:
     if not env.allows_faults:
         return
-    spec = os.environ.get(VARIABLE, "")
-    where, _, signame = spec.rpartition(":")
-    if not where or where != name:
+    # several faults, comma-separated: each point's own (a stop, then a kill further on)
+    specs = [spec.rpartition(":") for spec in os.environ.get(VARIABLE, "").split(",")]
+    signame = next((sig for where, _, sig in specs if where and where == name), "")
+    if not signame:
         return
     signum = getattr(signal, signame, None)
     if not isinstance(signum, int):

@@ -28,6 +28,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -2881,18 +2882,36 @@ def test_a_restore_doubt_that_cannot_be_read_refuses_and_says_why(
 
 def test_a_restore_killed_before_its_doubt_is_recorded_is_still_refused(
         stack: DrillStack) -> None:
-    """Crash safety: a rollback whose restored row counts differ from the snapshot's (its
-    sidecar records one row more per table), killed (-9) after its check failed and before
-    the doubt is written beside the state file, still leaves the failed check in its run
-    record: the next switch of the same operator is refused, exit 4."""
+    """Crash safety: a rollback whose restored database differs from the snapshot once it
+    committed (another session's DELETE of schema_migrations, made during the replay, waits
+    on its locks and runs right after its COMMIT; a sidecar that records other counts now
+    rolls the restore back in its own transaction), killed (-9) after its check failed and
+    before the doubt is written beside the state file, still leaves the failed check in its
+    run record: the next switch of the same operator is refused, exit 4."""
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
     env = stack.env
-    for meta in env.database.snapshot_dir.glob("*.meta.json"):
-        data = json.loads(meta.read_text())
-        data["tables"] = {k: v | {"rows": v["rows"] + 1} for k, v in data["tables"].items()}
-        meta.write_text(json.dumps(data))
-    first = cli(env, "rollback", "--restore-snapshot", "--yes",
-                fault="restore.before-doubt-marker:SIGKILL")
+
+    assert env.source is not None
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL,
+                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP,"
+                                           "restore.before-doubt-marker:SIGKILL"})
+    wait_stopped(proc.pid)  # its transaction holds every table, past its own checks
+
+    def delete() -> None:  # waits on the restore's locks, then runs after its COMMIT
+        with stack.connect() as conn:
+            conn.execute("DELETE FROM schema_migrations")
+
+    deleting = threading.Thread(target=delete, daemon=True)
+    deleting.start()
+    time.sleep(1)  # the DELETE is waiting on the lock
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    deleting.join(timeout=30)
+    first = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
     folder = env.state_file.resolve().parent
     assert not [p for p in folder.iterdir() if "doubt" in p.name]
