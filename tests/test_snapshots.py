@@ -357,7 +357,9 @@ def test_file_corrupted_mid_stream_rolls_back(stack: DrillStack) -> None:
     assert err.value.exit_code == ExitCode.FAILED_SAFELY
     message = str(err.value)
     assert "rolled back" in message and "unchanged" in message and "truncated" in message
-    assert "_pre-restore.sql.gz" in message and "runbook snapshot restore" in message
+    # the database is unchanged: its safety snapshot is named, never offered as the way back
+    assert "_pre-restore.sql.gz" in message and "do not restore it" in message, message
+    assert "runbook snapshot restore" not in message, message
     assert "\n" not in err.value.message
     assert item_names(stack) == before and schema_version(stack) == 1
     assert slot_states(env) == {Slot.BLUE: "running", Slot.GREEN: "running"}  # undone
