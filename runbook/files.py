@@ -49,7 +49,7 @@ def write_fix(exc: OSError, directory: Path, otherwise: str, *,
         return (f"{directory} is on a read-only filesystem (`findmnt -T "
                 f"{shlex.quote(str(directory))}` shows its mount): {read_only_fix()}")
     if exc.errno == errno.EACCES and (denied := _denied(directory, target)) is not None:
-        return denied
+        return f"{denied}; {otherwise}"  # the caller's own hint (its setting) kept
     if exc.errno in (errno.EPERM, errno.EBUSY):
         for path in [*([target] if target is not None else []), directory]:
             if (found := unwritable(path)) is not None:
@@ -66,8 +66,6 @@ def _denied(directory: Path, target: Path | None) -> str | None:
     """The fix for a write this user may not make (EACCES): whose the folder (or the file)
     is and its mode, and the way out, instead of "check free disk space and permissions"
     (found by review: on-call, not root, was left to find out whose files these were)."""
-    import grp
-
     for path in [directory, *([target] if target is not None else [])]:
         try:
             st = os.stat(path)
@@ -76,8 +74,10 @@ def _denied(directory: Path, target: Path | None) -> str | None:
         if os.access(path, os.W_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)):
             continue
         try:
+            import grp  # an interpreter built without it (one test's) names the gid
+
             group = grp.getgrgid(st.st_gid).gr_name
-        except KeyError:
+        except (ImportError, KeyError):
             group = f"gid {st.st_gid}"
         return (f"{path} belongs to {owner_name(st.st_uid)}, group {group}, mode "
                 f"{stat.S_IMODE(st.st_mode):o}, and {owner_name(os.geteuid())} may not write "

@@ -407,11 +407,14 @@ def test_a_fifo_named_like_a_sidecar_is_never_waited_on(env: Environment) -> Non
     import time
 
     record(env, "dep_current")
-    fifo_one = put(env, "20261201_000000", "manual")
+    # both within the retention, whatever the day the test runs (fixed dates expired on
+    # 2026-12-08 and cleanup removed the first: a time bomb in the test, not the code)
+    day_one, day_two = ((NOW - timedelta(hours=h)).strftime("%Y%m%d_%H%M%S") for h in (48, 24))
+    fifo_one = put(env, day_one, "manual")
     sidecar = fifo_one.with_name(fifo_one.name.removesuffix(".sql.gz") + ".meta.json")
     sidecar.unlink()
     os.mkfifo(sidecar)
-    linked = put(env, "20261202_000000", "manual")
+    linked = put(env, day_two, "manual")
     moved = env.database.snapshot_dir.parent / "elsewhere.meta.json"
     meta = linked.with_name(linked.name.removesuffix(".sql.gz") + ".meta.json")
     meta.rename(moved)
