@@ -333,11 +333,7 @@ def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_sl
     text = caddy.read(env)
     moved = text.replace(f"admin {admin}", f"admin {where}")
     _load_caddyfile(env, moved)  # blue's block, the admin API elsewhere: what runs
-    green = env.slot(Slot.GREEN)
-    stack.docker("stop", green.container)
-    on_disk = caddy.rewrite(moved, env, Slot.GREEN)  # edited to green, never loaded
-    env.caddy.caddyfile.write_text(on_disk)
-    assert through_proxy(env)[0] == "blue"
+    on_disk = green_on_disk_only(stack, env, moved)
     problems = _fixes(stack, env)
     [said] = [p for p in problems if "admin API does not answer" in p["problem"]]
     [load] = _typed(said["fix"], shlex.join(env.caddy.command))
@@ -355,6 +351,16 @@ def test_an_admin_api_moved_with_the_other_slot_in_the_file_keeps_the_serving_sl
         said["fix"]
     assert "names green while blue serves" in said["fix"], said
     assert said["fix"].index("line ") < said["fix"].index(f"`admin {admin}`"), said
+
+
+def green_on_disk_only(stack: DrillStack, env: Environment, loaded: str) -> str:
+    """`loaded` (what Caddy runs, blue serving) on disk with its block edited to green, never
+    loaded, and green stopped: returns that text."""
+    stack.docker("stop", env.slot(Slot.GREEN).container)
+    on_disk = caddy.rewrite(loaded, env, Slot.GREEN)
+    env.caddy.caddyfile.write_text(on_disk)
+    assert through_proxy(env)[0] == "blue"
+    return on_disk
 
 
 def with_printed_lines(text: str, fix: str) -> str:
@@ -381,11 +387,7 @@ def test_a_reload_a_fix_names_with_the_other_slot_in_the_file_keeps_the_serving_
                                "reverse_proxy {http.request.header.X-Up}")
     assert placeholder != text
     _load_caddyfile(env, placeholder)
-    green = env.slot(Slot.GREEN)
-    stack.docker("stop", green.container)
-    on_disk = caddy.rewrite(placeholder, env, Slot.GREEN)  # edited to green, never loaded
-    env.caddy.caddyfile.write_text(on_disk)
-    assert through_proxy(env)[0] == "blue"
+    on_disk = green_on_disk_only(stack, env, placeholder)
     problems = _fixes(stack, env)
     [said] = [p for p in problems if p["check"] == "upstream_unresolved"]
     assert "reload Caddy" in said["fix"], said
