@@ -2509,6 +2509,15 @@ def _journal_lines(said: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def restoring_rollback(env: Environment, fault: str) -> subprocess.Popen[str]:
+    """`runbook rollback --restore-snapshot --yes` started with the drill `fault`(s)."""
+    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    return subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
+                             "--restore-snapshot", "--yes", str(env.source)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=environ | {faults.VARIABLE: fault})
+
+
 def _stopped_after_the_restore(stack: DrillStack,
                                meanwhile: Callable[[], None]) -> tuple[int, str]:
     """On MIGRATED, `rollback --restore-snapshot` held (SIGSTOP) once its restore committed;
@@ -2516,12 +2525,7 @@ def _stopped_after_the_restore(stack: DrillStack,
     stack.arrange(scenes.MIGRATED)  # v2 serving from green on schema 2; v1 stopped on blue
     env = stack.env
     assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
-                             "--restore-snapshot", "--yes", str(env.source)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "after:restore-database:SIGSTOP"})
+    proc = restoring_rollback(env, "after:restore-database:SIGSTOP")
     wait_stopped(proc.pid)
     meanwhile()
     os.kill(proc.pid, signal.SIGCONT)
@@ -2892,13 +2896,8 @@ def test_a_restore_killed_before_its_doubt_is_recorded_is_still_refused(
     env = stack.env
 
     assert env.source is not None
-    environ = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
-    proc = subprocess.Popen([sys.executable, "-m", "runbook.cli", "rollback",
-                             "--restore-snapshot", "--yes", str(env.source)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL,
-                            env=environ | {faults.VARIABLE: "restore.before-commit:SIGSTOP,"
-                                           "restore.before-doubt-marker:SIGKILL"})
+    proc = restoring_rollback(env, "restore.before-commit:SIGSTOP,"
+                                   "restore.before-doubt-marker:SIGKILL")
     wait_stopped(proc.pid)  # its transaction holds every table, past its own checks
 
     def delete() -> None:  # waits on the restore's locks, then runs after its COMMIT
